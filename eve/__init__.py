@@ -1,0 +1,35 @@
+"""EVE-kit: encoder-free vision-language models (EVE, arXiv 2406.11832).
+
+`import eve` registers the model with transformers' Auto classes (model_type "eve").
+"""
+
+from eve._torchvision_guard import install as _install_torchvision_guard
+
+_install_torchvision_guard()  # before anything imports transformers
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
+
+from eve.configuration_eve import FLAVORS, EveConfig  # noqa: E402
+from eve.image_io import InvalidImageError, load_image  # noqa: E402
+from eve.modeling_eve import EveForCausalLM, EvePreTrainedModel  # noqa: E402
+from eve.patch_embedding import EveVisionEmbedding, ImageFeatures  # noqa: E402
+from eve.processing_eve import EveImageProcessor, EveProcessor, num_visual_tokens  # noqa: E402
+
+AutoConfig.register("eve", EveConfig, exist_ok=True)
+AutoModelForCausalLM.register(EveConfig, EveForCausalLM, exist_ok=True)
+AutoImageProcessor.register(EveConfig, slow_image_processor_class=EveImageProcessor, exist_ok=True)
+AutoProcessor.register(EveConfig, EveProcessor, exist_ok=True)
+
+__all__ = [
+    "FLAVORS",
+    "EveConfig",
+    "EveForCausalLM",
+    "EveImageProcessor",
+    "EvePreTrainedModel",
+    "EveProcessor",
+    "EveVisionEmbedding",
+    "ImageFeatures",
+    "InvalidImageError",
+    "load_image",
+    "num_visual_tokens",
+]

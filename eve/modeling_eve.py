@@ -1,0 +1,139 @@
+"""EveForCausalLM: a LLaMA-family decoder that reads images through EveVisionEmbedding.
+
+The decoder is any `AutoModelForCausalLM` (Vicuna for the paper), used as transformers ships it:
+attention goes through its own interface (`sdpa`, `flash_attention_2`, `eager`). Each
+`image_token_id` position of `input_ids` is replaced by one visual token (SPEC 1.3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from eve.configuration_eve import EveConfig
+from eve.patch_embedding import EveVisionEmbedding, ImageFeatures
+
+
+class EvePreTrainedModel(PreTrainedModel):
+    config_class = EveConfig
+    config: EveConfig
+    base_model_prefix = "eve"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "EveVisionEmbedding"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, EveVisionEmbedding):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            module.class_embedding.normal_(std=std)
+            module.split_embedding.normal_(std=std)
+
+
+class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
+    """EVE for generation and training. Holds the decoder as `language_model` and the vision
+    front end as `vision`; the Patch Aligning Layer and teacher live outside (eve.patch_aligning)."""
+
+    def __init__(self, config: EveConfig):
+        super().__init__(config)
+        self.vision = EveVisionEmbedding(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # decoder plumbing, so that generate(), resize_token_embeddings() etc. work as usual
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageFeatures:
+        return self.vision(pixel_values, image_sizes)
+
+    def embed_inputs(self, input_ids: torch.LongTensor, image_features: ImageFeatures | None = None) -> torch.Tensor:
+        """Token embeddings with each image-token position replaced by its visual token."""
+        image_mask = input_ids == self.config.image_token_id  # [B, L]
+        # The sentinel id may lie outside the vocabulary: embed a harmless id there instead.
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # [B, L, d]
+        n_positions = int(image_mask.sum())
+        n_features = 0 if image_features is None else image_features.tokens.shape[0]
+        if n_positions != n_features:
+            lengths = [] if image_features is None else image_features.lengths
+            raise ValueError(
+                f"image tokens and image features do not match: {n_positions} image-token positions in "
+                f"input_ids, {n_features} visual tokens from {len(lengths)} image(s) (per image: {lengths}). "
+                "Build inputs with EveProcessor, which expands each <image> to its visual length."
+            )
+        if n_features:
+            feats = image_features.tokens.to(embeds.dtype)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            features = self.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
+            inputs_embeds = self.embed_inputs(input_ids, features)
+        if labels is not None and input_ids is not None:
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)  # never predict images
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        return {
+            "vision": sum(p.numel() for p in self.vision.parameters()),
+            "decoder": sum(p.numel() for p in self.language_model.parameters()),
+        }
+
+    def flops_per_token(self, seq_len: int, train_decoder: bool = True, backward: bool = True) -> float:
+        """Model FLOPs per decoder token (image tokens count as tokens), PaLM/nanoGPT style.
+
+        Forward: 2N (N = decoder matmul parameters, embedding table excluded) plus attention
+        4 * n_layer * seq_len * d. A training step is 3x forward (6N); with the decoder frozen
+        (stage 1) its weight gradients are skipped but input gradients still flow to the PEL:
+        2x forward (4N). The PEL and PAL are small next to the decoder and left out.
+        """
+        tc = self.config.text_config
+        n = sum(p.numel() for name, p in self.language_model.named_parameters() if "embed_tokens" not in name)
+        forward = 2 * n + 4 * tc.num_hidden_layers * seq_len * tc.hidden_size
+        return forward * ((3 if train_decoder else 2) if backward else 1)

@@ -1,0 +1,266 @@
+"""Image processor and processor for EVE (SPEC 1.1 and 1.3).
+
+Geometry, for an image of native size (H, W) with long side L and short side S:
+  at teacher scale T (336): long -> T, short -> ceil(T * S / L / p) * p  (p = teacher patch, 14)
+  at model scale: both times r = image_size / T (2 at 672, 4 at 1344).
+The model sees each image un-padded: the batch is padded to its largest height and width with
+zeros (the normalised mean) at the bottom/right, and `image_sizes` says where each image ends,
+so padding never reaches the decoder. `pad_to_square=True` gives the reference layout instead
+(a centred square canvas plus a 4th mask channel); both yield identical visual tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AddedToken, BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor, ImageProcessingMixin
+from transformers.processing_utils import ProcessorMixin
+
+from eve.image_io import ImageInput, load_image
+
+IMAGE_TOKEN = "<image>"
+
+
+def teacher_geometry(height: int, width: int, teacher_size: int, teacher_patch: int) -> tuple[int, int]:
+    """(h, w) at teacher scale: long side -> teacher_size, short side rounded up to the patch."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    long, short = max(height, width), min(height, width)
+    # ceil(teacher_size * short / long / patch) in integers, at least one patch
+    short_t = max(1, -(-teacher_size * short // (long * teacher_patch))) * teacher_patch
+    return (teacher_size, short_t) if height >= width else (short_t, teacher_size)
+
+
+def model_geometry(height: int, width: int, image_size: int, teacher_size: int, teacher_patch: int) -> tuple[int, int]:
+    """(h, w) fed to the patch embedding: the teacher geometry times r = image_size / teacher_size."""
+    h, w = teacher_geometry(height, width, teacher_size, teacher_patch)
+    r = image_size // teacher_size
+    return h * r, w * r
+
+
+def num_visual_tokens(height: int, width: int, patch_size: int) -> int:
+    """Length of the visual sequence for a (resized) image: <CLS> + h rows of (w + <SPL>)."""
+    h, w = height // (2 * patch_size), width // (2 * patch_size)
+    return 1 + h * (w + 1)
+
+
+def centred_offset(canvas: int, size: int, grid: int) -> int:
+    """Offset that centres `size` on `canvas`, snapped down to the patch grid so that patches of
+    the canvas and of the image coincide (at 672 the snap never moves anything)."""
+    return (canvas - size) // (2 * grid) * grid
+
+
+def expand_image_tokens(
+    ids: Sequence[int], image_token_id: int, counts: Sequence[int], labels: Sequence[int] | None = None
+):
+    """Replace the k-th `image_token_id` in `ids` by counts[k] copies of it (labels -> -100).
+
+    Returns the new ids (and labels when given). Raises when placeholders and images differ.
+    """
+    positions = [i for i, t in enumerate(ids) if t == image_token_id]
+    if len(positions) != len(counts):
+        raise ValueError(
+            f"the text has {len(positions)} {IMAGE_TOKEN} placeholder(s) but {len(counts)} image(s) were given"
+        )
+    out_ids, out_labels, start = [], [], 0
+    for pos, n in zip(positions, counts):
+        out_ids += list(ids[start:pos]) + [image_token_id] * n
+        if labels is not None:
+            out_labels += list(labels[start:pos]) + [-100] * n
+        start = pos + 1
+    out_ids += list(ids[start:])
+    if labels is None:
+        return out_ids
+    out_labels += list(labels[start:])
+    return out_ids, out_labels
+
+
+class EveImageProcessor(BaseImageProcessor):
+    r"""Resizes any image to EVE's geometry and normalises it (SPEC 1.1).
+
+    Returns `pixel_values` [N, 3, Hmax, Wmax] (each image at the top-left, zeros elsewhere) and
+    `image_sizes` [N, 2] (h, w); with `pad_to_square=True`, `pixel_values` [N, 4, S, S] with the
+    image centred and a mask channel instead. With `return_teacher=True`, also
+    `teacher_pixel_values` [N, 3, T, T]: the teacher's own copy at teacher scale, centred.
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+
+    def __init__(
+        self,
+        image_size: int = 672,
+        patch_size: int = 14,
+        teacher_image_size: int = 336,
+        teacher_patch_size: int = 14,
+        image_mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
+        image_std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+        teacher_image_mean: Sequence[float] | None = None,
+        teacher_image_std: Sequence[float] | None = None,
+        resample: int = Image.Resampling.BICUBIC,
+        max_pixels: int | None = None,
+        **kwargs,
+    ):
+        # BaseImageProcessor's own __init__ validates torchvision/PIL backend kwargs that this
+        # processor does not use; it subclasses it only so the Auto classes accept it.
+        ImageProcessingMixin.__init__(self, **kwargs)
+        self.image_size, self.patch_size = image_size, patch_size
+        self.teacher_image_size, self.teacher_patch_size = teacher_image_size, teacher_patch_size
+        self.image_mean, self.image_std = list(image_mean), list(image_std)
+        self.teacher_image_mean = list(teacher_image_mean or image_mean)
+        self.teacher_image_std = list(teacher_image_std or image_std)
+        self.resample = int(resample)
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_config(cls, config) -> "EveImageProcessor":
+        """The processor matching an `EveConfig`."""
+        return cls(
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            teacher_image_size=config.teacher_image_size,
+            teacher_patch_size=config.teacher_patch_size,
+            image_mean=config.image_mean,
+            image_std=config.image_std,
+            teacher_image_mean=config.teacher_image_mean,
+            teacher_image_std=config.teacher_image_std,
+        )
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        return model_geometry(height, width, self.image_size, self.teacher_image_size, self.teacher_patch_size)
+
+    def num_visual_tokens(self, height: int, width: int) -> int:
+        """Visual tokens for a native (height, width) image."""
+        return num_visual_tokens(*self.resized_size(height, width), self.patch_size)
+
+    def _to_array(self, img: Image.Image, size: tuple[int, int], mean, std) -> np.ndarray:
+        h, w = size
+        resized = img.resize((w, h), resample=self.resample) if img.size != (w, h) else img
+        arr = np.asarray(resized, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+        return arr.transpose(2, 0, 1)  # [3, h, w]
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        return_teacher: bool = False,
+        pad_to_square: bool = False,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        pil = [load_image(im, self.max_pixels) for im in images]
+        sizes = [self.resized_size(im.height, im.width) for im in pil]
+        arrays = [self._to_array(im, s, self.image_mean, self.image_std) for im, s in zip(pil, sizes)]
+        data = {}
+        if pad_to_square:
+            side = self.image_size
+            batch = np.zeros((len(pil), 4, side, side), dtype=np.float32)
+            for b, (arr, (h, w)) in enumerate(zip(arrays, sizes)):
+                top, left = centred_offset(side, h, self.patch_size), centred_offset(side, w, self.patch_size)
+                batch[b, :3, top : top + h, left : left + w] = arr
+                batch[b, 3, top : top + h, left : left + w] = 1.0
+            data["pixel_values"] = batch
+        else:
+            hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
+            batch = np.zeros((len(pil), 3, hmax, wmax), dtype=np.float32)
+            for b, (arr, (h, w)) in enumerate(zip(arrays, sizes)):
+                batch[b, :, :h, :w] = arr
+            data["pixel_values"] = batch
+            data["image_sizes"] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        if return_teacher:
+            data["teacher_pixel_values"] = self.teacher_pixels(pil)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def teacher_pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The teacher's copies: geometry at teacher scale, centred on a T x T canvas."""
+        side, p = self.teacher_image_size, self.teacher_patch_size
+        batch = np.zeros((len(images), 3, side, side), dtype=np.float32)
+        for b, img in enumerate(images):
+            h, w = teacher_geometry(img.height, img.width, side, p)
+            top, left = centred_offset(side, h, p), centred_offset(side, w, p)
+            batch[b, :, top : top + h, left : left + w] = self._to_array(
+                img, (h, w), self.teacher_image_mean, self.teacher_image_std
+            )
+        return batch
+
+
+class EveProcessor(ProcessorMixin):
+    r"""Tokenizer + image processor, like transformers' Llava/Fuyu processors:
+    `inputs = processor(text=..., images=..., return_tensors="pt")` is exactly what
+    `model(**inputs)` and `model.generate(**inputs)` take.
+
+    Each `<image>` in the text becomes as many image-token ids as the image has visual tokens,
+    in the order the images are given (a flat list, or one list per text).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        if tokenizer is not None and IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images=None,
+        return_tensors: str | None = "pt",
+        padding: bool | str = True,
+        return_teacher: bool = False,
+        add_special_tokens: bool = True,
+        **kwargs,
+    ) -> BatchFeature:
+        if text is None:
+            raise ValueError("EveProcessor needs `text` (use the image processor alone for images only)")
+        texts = [text] if isinstance(text, str) else list(text)
+        per_text = _images_per_text(texts, images)
+        data = {}
+        counts: list[list[int]] = [[] for _ in texts]
+        flat = [im for group in per_text for im in group]
+        if flat:
+            image_inputs = self.image_processor(flat, return_teacher=return_teacher, return_tensors=None)
+            data.update(image_inputs)
+            sizes = image_inputs["image_sizes"].tolist()
+            tokens = iter(num_visual_tokens(h, w, self.image_processor.patch_size) for h, w in sizes)
+            counts = [[next(tokens) for _ in group] for group in per_text]
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs)
+        ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded["input_ids"], counts)]
+        padded = self.tokenizer.pad({"input_ids": ids}, padding=padding, return_tensors=None)
+        data.update(padded)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def _images_per_text(texts: list[str], images) -> list[list]:
+    """Group images by text in placeholder order, checking the counts."""
+    wanted = [t.count(IMAGE_TOKEN) for t in texts]
+    if images is None:
+        images = []
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    if images and all(isinstance(g, (list, tuple)) for g in images):
+        groups = [list(g) for g in images]
+        if len(groups) != len(texts):
+            raise ValueError(f"got {len(groups)} image lists for {len(texts)} texts")
+    else:
+        if len(images) != sum(wanted):
+            raise ValueError(
+                f"the text(s) hold {sum(wanted)} {IMAGE_TOKEN} placeholder(s) but {len(images)} image(s) were given"
+            )
+        it = iter(images)
+        groups = [[next(it) for _ in range(n)] for n in wanted]
+    for i, (group, n) in enumerate(zip(groups, wanted)):
+        if len(group) != n:
+            raise ValueError(f"text {i} holds {n} {IMAGE_TOKEN} placeholder(s) but {len(group)} image(s) were given")
+    return groups
