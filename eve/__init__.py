@@ -17,7 +17,10 @@ from eve.processing_eve import EveImageProcessor, EveProcessor, num_visual_token
 
 AutoConfig.register("eve", EveConfig, exist_ok=True)
 AutoModelForCausalLM.register(EveConfig, EveForCausalLM, exist_ok=True)
-AutoImageProcessor.register(EveConfig, slow_image_processor_class=EveImageProcessor, exist_ok=True)
+# One PIL/numpy implementation serves both backends the Auto class knows.
+AutoImageProcessor.register(
+    EveConfig, image_processor_classes={"pil": EveImageProcessor, "torchvision": EveImageProcessor}, exist_ok=True
+)
 AutoProcessor.register(EveConfig, EveProcessor, exist_ok=True)
 
 __all__ = [

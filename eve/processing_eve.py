@@ -193,6 +193,7 @@ class EveProcessor(ProcessorMixin):
     `inputs = processor(text=..., images=..., return_tensors="pt")` is exactly what
     `model(**inputs)` and `model.generate(**inputs)` take.
 
+    Batches are left-padded by default, as batched generation needs.
     Each `<image>` in the text becomes as many image-token ids as the image has visual tokens,
     in the order the images are given (a flat list, or one list per text).
     """
@@ -212,6 +213,7 @@ class EveProcessor(ProcessorMixin):
         images=None,
         return_tensors: str | None = "pt",
         padding: bool | str = True,
+        padding_side: str = "left",
         return_teacher: bool = False,
         add_special_tokens: bool = True,
         **kwargs,
@@ -231,7 +233,7 @@ class EveProcessor(ProcessorMixin):
             counts = [[next(tokens) for _ in group] for group in per_text]
         encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs)
         ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded["input_ids"], counts)]
-        padded = self.tokenizer.pad({"input_ids": ids}, padding=padding, return_tensors=None)
+        padded = self.tokenizer.pad({"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors=None)
         data.update(padded)
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (main job) and `make test`. Both set up .venv first.
+VENV := .venv
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/build/torch_extensions
+
+.PHONY: setup demo test test-all bench clean
+
+$(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml scripts/setup_env.sh
+	bash scripts/setup_env.sh
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/eve-smoke
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not gpu"
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/model_overhead.py
+
+clean:
+	rm -rf $(VENV) build

@@ -1,0 +1,1 @@
+"""Evaluation harness: official scoring and aspect-ratio robustness (SPEC section 4)."""

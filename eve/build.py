@@ -1,0 +1,79 @@
+"""Build a fresh EVE from a decoder checkpoint (the start of stage 1), as a function and a CLI.
+
+    eve-build --decoder lmsys/vicuna-7b-v1.5 --flavor eve-7b --out checkpoints/eve-7b-init
+
+The decoder (local directory or hub id) is loaded with transformers as it is; the patch
+embedding layer and projector are freshly initialised; the tokenizer gains an `<image>`
+special token whose id becomes `config.image_token_id` (the decoder's vocabulary is unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import eve  # noqa: F401  (registers the Auto classes)
+from eve.configuration_eve import FLAVORS, EveConfig
+from eve.modeling_eve import EveForCausalLM
+from eve.patch_embedding import EveVisionEmbedding
+from eve.processing_eve import EveImageProcessor, EveProcessor
+
+
+def build_eve(
+    decoder: str,
+    flavor: str = "eve-7b",
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+    **overrides,
+) -> tuple[EveForCausalLM, EveProcessor]:
+    """A new EVE around the decoder at `decoder` (path or hub id), with `flavor`'s vision front
+    end (any EveConfig field can be overridden). Returns (model, processor)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    language_model = AutoModelForCausalLM.from_pretrained(
+        decoder, dtype=dtype or "auto", attn_implementation=attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(decoder)
+    config = EveConfig.from_flavor(flavor, **overrides)
+    config.text_config = language_model.config
+    processor = EveProcessor(EveImageProcessor.from_config(config), tokenizer)
+    config.image_token_id = processor.image_token_id
+
+    with torch.device("meta"):  # the decoder is already loaded: allocate nothing twice
+        model = EveForCausalLM(config)
+    torch.manual_seed(seed)
+    model.vision = EveVisionEmbedding(config).to(language_model.dtype)
+    model.vision.apply(model._init_weights)
+    model.language_model = language_model
+    model.generation_config = language_model.generation_config
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="eve-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--decoder", required=True, help="decoder checkpoint: local directory or hub id (e.g. lmsys/vicuna-7b-v1.5)")
+    parser.add_argument("--flavor", default="eve-7b", choices=sorted(FLAVORS), help="vision front end and PAL settings")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (model + processor)")
+    parser.add_argument("--dtype", default="auto", help="weights dtype: auto, bfloat16, float16, float32")
+    parser.add_argument("--image-size", type=int, help="override the flavor's image_size (e.g. 1344)")
+    parser.add_argument("--teacher", help="open_clip teacher name or local dir recorded in the config (PAL)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation")
+    args = parser.parse_args(argv)
+    overrides = {}
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    if args.teacher:
+        overrides["teacher_model"] = args.teacher
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, processor = build_eve(args.decoder, args.flavor, dtype=dtype, seed=args.seed, **overrides)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    parts = model.num_parameters_by_part()
+    print(f"eve-build: wrote {args.out} (vision {parts['vision']:,} + decoder {parts['decoder']:,} parameters)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Patch Aligning Layer (PAL): training-only alignment of the decoder's image tokens to a frozen
+CLIP teacher (SPEC 1.5). Nothing here is part of the inference checkpoint.
+
+For every image: take the image span of each tapped hidden state, drop <CLS>, reshape to
+h x (w+1), drop the <SPL> column, average-pool to the teacher grid. Per patch, CA3 attends from
+the deepest tap (query) to the other taps; the result is compared to the teacher's
+penultimate-layer patch token by 1 - cosine similarity, averaged per image, then over images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eve.configuration_eve import EveConfig
+from eve.cross_attention import multihead_attend
+from eve.modeling_eve import EveForCausalLM
+from eve.patch_embedding import ImageFeatures
+from eve.processing_eve import centred_offset
+
+
+class PatchAligningLayer(nn.Module):
+    """CA3 over depth, per patch: [P, T, d] tapped states -> [P, C_teacher]."""
+
+    def __init__(self, config: EveConfig):
+        super().__init__()
+        d, C = config.text_config.hidden_size, config.teacher_hidden_size
+        self.taps = config.pal_tap_layers
+        num_layers = config.text_config.num_hidden_layers
+        if len(self.taps) < 2 or not all(0 <= t <= num_layers for t in self.taps):
+            raise ValueError(f"PAL needs >= 2 tap indices in [0, {num_layers}], got {self.taps} (set pal_layers)")
+        self.num_heads, self.scale = config.cross_attention_heads, config.cross_attention_scale
+        eps = config.layer_norm_eps
+        self.tap_norms = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(d, eps=eps), nn.Linear(d, C, bias=False)) for _ in self.taps]
+        )
+        self.input_proj = nn.Linear(d, C)
+        self.output_proj = nn.Linear(C, C)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        # states [P, T, d], taps deepest first
+        proj = torch.stack([norm(states[:, j]) for j, norm in enumerate(self.tap_norms)], dim=1)  # [P, T, C]
+        q, kv = proj[:, :1], proj[:, 1:]
+        attn = multihead_attend(q, kv, kv, self.num_heads, self.scale)[:, 0]  # [P, C]
+        return self.input_proj(states[:, 0]) + self.output_proj(attn)
+
+
+def image_patch_states(
+    hidden_states: tuple[torch.Tensor, ...],
+    taps: list[int],
+    image_mask: torch.Tensor,
+    features: ImageFeatures,
+    pool: int,
+) -> torch.Tensor:
+    """Gather the image tokens of the tapped layers, on the teacher grid: [P, T, d]."""
+    positions = image_mask.flatten().nonzero().squeeze(1)  # visual tokens in image order
+    stacked = torch.stack([hidden_states[t].flatten(0, 1)[positions] for t in taps], dim=1)  # [V, T, d]
+    patches = []
+    for seq, (h, w) in zip(stacked.split(features.lengths), features.grids):
+        x = seq[1:].view(h, w + 1, *seq.shape[1:])[:, :w]  # drop <CLS> and the <SPL> column: [h, w, T, d]
+        if pool > 1:
+            x = x.view(h // pool, pool, w // pool, pool, *x.shape[2:]).mean(dim=(1, 3))
+        patches.append(x.flatten(0, 1))
+    return torch.cat(patches)
+
+
+def teacher_patch_targets(teacher_tokens: torch.Tensor, features: ImageFeatures, config: EveConfig) -> torch.Tensor:
+    """Valid teacher patches of each image (centred on the teacher canvas): [P, C]."""
+    p, side = config.teacher_patch_size, config.teacher_image_size
+    out = []
+    for i, (h, w) in enumerate(features.grids):
+        ht, wt = h // config.pal_pool, w // config.pal_pool
+        top, left = centred_offset(side, ht * p, p) // p, centred_offset(side, wt * p, p) // p
+        out.append(teacher_tokens[i, top : top + ht, left : left + wt].reshape(ht * wt, -1))
+    return torch.cat(out)
+
+
+def cosine_alignment_loss(pred: torch.Tensor, target: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """1 - mean cosine similarity per image, averaged over images."""
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)  # [P]
+    per_image = torch.stack([c.mean() for c in cos.split(counts)])
+    return (1 - per_image).mean()
+
+
+@dataclass
+class AlignedOutput:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    pal_loss: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+class EveForAlignedTraining(nn.Module):
+    """EVE plus the PAL, for stages that align to the teacher. The trainer runs the frozen
+    teacher and passes its tokens in (`teacher_tokens` [N, G, G, C], see eve.teacher)."""
+
+    def __init__(self, model: EveForCausalLM, pal_weight: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.pal = PatchAligningLayer(model.config)
+        self.pal_weight = pal_weight
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        teacher_tokens: torch.Tensor | None = None,
+        **kwargs,
+    ) -> AlignedOutput:
+        config = self.model.config
+        features = self.model.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
+        out = self.model(
+            inputs_embeds=self.model.embed_inputs(input_ids, features),
+            attention_mask=attention_mask,
+            labels=None if labels is None else labels.masked_fill(input_ids == config.image_token_id, -100),
+            output_hidden_states=True,
+            use_cache=False,
+            **kwargs,
+        )
+        if features is None:
+            # Text-only batch: run the PAL on nothing so every rank touches the same parameters
+            # (ZeRO-3 gathers them in forward hooks), and add exactly 0.
+            empty = out.hidden_states[0].new_zeros(0, len(self.pal.taps), config.text_config.hidden_size)
+            pal_loss = self.pal(empty).sum() * 0.0
+        else:
+            if teacher_tokens is None:
+                raise ValueError("EveForAlignedTraining needs teacher_tokens for a batch with images")
+            image_mask = input_ids == config.image_token_id
+            states = image_patch_states(out.hidden_states, self.pal.taps, image_mask, features, config.pal_pool)
+            target = teacher_patch_targets(teacher_tokens, features, config)
+            counts = [(h // config.pal_pool) * (w // config.pal_pool) for h, w in features.grids]
+            pal_loss = cosine_alignment_loss(self.pal(states), target, counts)
+        lm_loss = out.loss if out.loss is not None else pal_loss.new_zeros(())
+        return AlignedOutput(lm_loss + self.pal_weight * pal_loss, lm_loss, pal_loss, out.logits)

@@ -1,0 +1,146 @@
+"""Chat templates (`plain`, `vicuna_v1`) and loss masks built from character offsets (SPEC 1.4).
+
+The text is rendered once, with the character spans that carry loss (captions, assistant turns
+and their `</s>`); it is tokenized once, and a token is a label exactly when its characters lie
+inside such a span. A token that straddles a span boundary is a masking mismatch and raises
+`LabelMaskingError`, which a data pipeline counts and skips: never train on shifted labels
+(the reference's "tokenization mismatch" that led to NaN losses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from eve.processing_eve import IMAGE_TOKEN, expand_image_tokens
+
+IGNORE_INDEX = -100
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+class LabelMaskingError(ValueError):
+    """The loss mask cannot be aligned with the tokens of a sample."""
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str
+    user: str  # prefix of a user turn
+    assistant: str  # prefix of an assistant turn
+    turn_end: str  # appended to every assistant turn (inside the loss span)
+
+    def render(self, turns: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """Turns [{"from": "human"|"gpt", "value": str}, ...] -> (text, loss spans)."""
+        if self.name == "plain":
+            return _render_plain(turns)
+        text, spans = self.system, []
+        for i, turn in enumerate(turns):
+            role = _role(turn, i)
+            if role == "human":
+                text += self.user + turn["value"]
+            else:
+                text += self.assistant
+                start = len(text)
+                text += turn["value"] + self.turn_end
+                spans.append((start, len(text)))
+        return text, spans
+
+    def prompt(self, question: str) -> str:
+        """The generation prompt for one user turn, ending where the assistant starts."""
+        if self.name == "plain":
+            return question
+        return self.system + self.user + question + self.assistant.rstrip()
+
+
+TEMPLATES = {
+    "plain": Template("plain", "", "", "", "\n"),
+    "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise KeyError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def _role(turn: dict, index: int) -> str:
+    role = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}.get(turn.get("from"))
+    if role is None:
+        raise LabelMaskingError(f"turn {index}: unknown speaker {turn.get('from')!r}")
+    return role
+
+
+def _render_plain(turns: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Stages 1-2: image + caption + newline, loss on the caption (SPEC 1.4)."""
+    if len(turns) != 2 or _role(turns[1], 1) != "gpt":
+        raise LabelMaskingError(f"plain template takes [image turn, caption turn], got {len(turns)} turns")
+    text = IMAGE_TOKEN * turns[0]["value"].count(IMAGE_TOKEN)  # the prompt text itself is dropped
+    start = len(text)
+    text += turns[1]["value"] + "\n"
+    return text, [(start, len(text))]
+
+
+def tokenize_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Tokenize `text` (with the tokenizer's BOS) and keep labels only inside `spans`."""
+    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tok, (a, b) in zip(ids, offsets):
+        if a == b:  # special tokens the tokenizer adds (BOS) have no characters
+            labels.append(IGNORE_INDEX)
+            continue
+        inside = any(s <= a and b <= e for s, e in spans)
+        if not inside and any(a < e and s < b for s, e in spans):
+            raise LabelMaskingError(
+                f"token {tokenizer.convert_ids_to_tokens(tok)!r} at chars {a}-{b} straddles a loss-span "
+                f"boundary in {text[max(0, a - 20):b + 20]!r}"
+            )
+        labels.append(tok if inside else IGNORE_INDEX)
+    if spans and all(label == IGNORE_INDEX for label in labels):
+        raise LabelMaskingError("no token carries loss (empty answer?)")
+    return ids, labels
+
+
+def truncate_after_splice(ids: list[int], labels: list[int], max_length: int, image_token_id: int):
+    """Cut to `max_length` without cutting an image: the text tail goes. Returns
+    (ids, labels, n_dropped). Raises when the images alone do not fit."""
+    if len(ids) <= max_length:
+        return ids, labels, 0
+    cut = max_length
+    # Move the cut back to the start of an image it would split.
+    while cut > 0 and ids[cut - 1] == image_token_id and ids[cut] == image_token_id:
+        cut -= 1
+    if image_token_id in ids[cut:]:
+        raise LabelMaskingError(f"an image does not fit in max_length={max_length} ({len(ids)} tokens after splicing)")
+    if all(label == IGNORE_INDEX for label in labels[:cut]):
+        raise LabelMaskingError(f"no supervised token is left within max_length={max_length}")
+    return ids[:cut], labels[:cut], len(ids) - cut
+
+
+def encode_example(
+    tokenizer,
+    template: str | Template,
+    turns: Sequence[dict],
+    image_token_id: int,
+    visual_token_counts: Sequence[int] = (),
+    max_length: int | None = None,
+) -> dict:
+    """One training sample: render, tokenize with labels, splice the visual tokens (label -100)
+    and apply `max_length` after splicing (SPEC 1.3). Raises LabelMaskingError on a bad sample."""
+    tpl = get_template(template) if isinstance(template, str) else template
+    text, spans = tpl.render(turns)
+    ids, labels = tokenize_with_labels(tokenizer, text, spans)
+    try:
+        ids, labels = expand_image_tokens(ids, image_token_id, visual_token_counts, labels)
+    except ValueError as e:
+        raise LabelMaskingError(str(e)) from e
+    dropped = 0
+    if max_length is not None:
+        ids, labels, dropped = truncate_after_splice(ids, labels, max_length, image_token_id)
+    return {"input_ids": ids, "labels": labels, "truncated_tokens": dropped}

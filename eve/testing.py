@@ -1,0 +1,105 @@
+"""Tiny stand-ins for Vicuna and EVA-CLIP, written to disk so they load through exactly the code
+path real checkpoints take (`from_pretrained` on a directory, open_clip `local-dir:`).
+
+Used by the tests, the smoke run and the benchmarks: nothing here is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: What is in the image? ASSISTANT: A red circle and a blue square on a white canvas.",
+    "Answer the question using a single word or phrase.",
+    "Answer with the option's letter from the given choices directly.",
+    "There are two green triangles, three yellow stars and one purple hexagon.",
+    "The text says hello world. It is a tall and narrow picture, or a wide panorama.",
+    "Describe the picture. How many shapes are there? Which colour is the largest one?",
+    "zero one two three four five six seven eight nine ten yes no left right top bottom",
+]
+
+
+def make_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer with Llama's special ids (<unk>=0, <s>=1, </s>=2) that adds
+    BOS like Llama's, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+
+
+def tiny_llama_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def make_tiny_llama(path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a random tiny LlamaForCausalLM and its tokenizer to `path` (a Vicuna stand-in)."""
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), **config_overrides))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_open_clip_config(image_size: int = 16, patch_size: int = 8, width: int = 32, layers: int = 2) -> dict:
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": patch_size, "head_width": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 4, "layers": 1},
+    }
+
+
+def make_tiny_open_clip(path: str | Path, seed: int = 0, **cfg) -> Path:
+    """Write a random tiny open_clip CLIP to `path` in open_clip's local-dir layout (an EVA-CLIP
+    stand-in): open_clip_config.json + open_clip_model.safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model_cfg = tiny_open_clip_config(**cfg)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    return path

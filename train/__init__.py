@@ -1,0 +1,1 @@
+"""Three-stage EVE training with DeepSpeed (SPEC section 2)."""
