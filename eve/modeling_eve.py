@@ -108,6 +108,11 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
             inputs_embeds = self.embed_inputs(input_ids, features)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)  # never predict images
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
+            # Left-padded prompts: count positions from each sample's first real token, as
+            # generate() does, so a batched forward equals each sample alone.
+            if past_key_values is None or past_key_values.get_seq_length() == 0:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

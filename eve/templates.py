@@ -95,6 +95,11 @@ def tokenize_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]])
         if a == b:  # special tokens the tokenizer adds (BOS) have no characters
             labels.append(IGNORE_INDEX)
             continue
+        # Tokenizers fold the space before a word into its token ("▁A", "ĠA"); that space
+        # belongs to the prompt, so judge a token by its characters after leading spaces.
+        piece = text[a:b]
+        if piece.strip():
+            a += len(piece) - len(piece.lstrip())
         inside = any(s <= a and b <= e for s, e in spans)
         if not inside and any(a < e and s < b for s, e in spans):
             raise LabelMaskingError(
@@ -102,7 +107,7 @@ def tokenize_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]])
                 f"boundary in {text[max(0, a - 20):b + 20]!r}"
             )
         labels.append(tok if inside else IGNORE_INDEX)
-    if spans and all(label == IGNORE_INDEX for label in labels):
+    if all(label == IGNORE_INDEX for label in labels):
         raise LabelMaskingError("no token carries loss (empty answer?)")
     return ids, labels
 
