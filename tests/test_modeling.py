@@ -73,8 +73,10 @@ def test_save_and_reload_with_auto_classes(model, processor, images, tmp_path):
     again = proc2(text=["<image> hi", "<image> there"], images=images[:2])
     for key in inputs:
         torch.testing.assert_close(inputs[key], again[key])
-    with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, reloaded(**again).logits, rtol=0, atol=0)
+    for (name, p), (_, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    with torch.no_grad():  # loaded tensors may be aligned differently: last-bit float32 rounding
+        torch.testing.assert_close(model(**inputs).logits, reloaded(**again).logits, rtol=1e-5, atol=1e-6)
 
 
 def _greedy_by_hand(model, inputs, steps):
