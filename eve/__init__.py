@@ -14,6 +14,7 @@ from eve.image_io import InvalidImageError, load_image  # noqa: E402
 from eve.modeling_eve import EveForCausalLM, EvePreTrainedModel  # noqa: E402
 from eve.patch_embedding import EveVisionEmbedding, ImageFeatures  # noqa: E402
 from eve.processing_eve import EveImageProcessor, EveProcessor, num_visual_tokens  # noqa: E402
+from eve import templates  # noqa: E402,F401
 
 AutoConfig.register("eve", EveConfig, exist_ok=True)
 AutoModelForCausalLM.register(EveConfig, EveForCausalLM, exist_ok=True)
