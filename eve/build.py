@@ -16,7 +16,7 @@ import torch
 
 import eve  # noqa: F401  (registers the Auto classes)
 from eve.configuration_eve import FLAVORS, EveConfig
-from eve.modeling_eve import EveForCausalLM
+from eve.modeling_eve import EveForCausalLM, default_attn_implementation
 from eve.patch_embedding import EveVisionEmbedding
 from eve.processing_eve import EveImageProcessor, EveProcessor
 
@@ -34,7 +34,7 @@ def build_eve(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     language_model = AutoModelForCausalLM.from_pretrained(
-        decoder, dtype=dtype or "auto", attn_implementation=attn_implementation
+        decoder, dtype=dtype or "auto", attn_implementation=attn_implementation or default_attn_implementation()
     )
     tokenizer = AutoTokenizer.from_pretrained(decoder)
     config = EveConfig.from_flavor(flavor, **overrides)
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flavor", default="eve-7b", choices=sorted(FLAVORS), help="vision front end and PAL settings")
     parser.add_argument("--out", required=True, type=Path, help="output directory (model + processor)")
     parser.add_argument("--dtype", default="auto", help="weights dtype: auto, bfloat16, float16, float32")
+    parser.add_argument("--attn", choices=["sdpa", "flash_attention_2", "eager"], help="attention implementation (default: flash_attention_2 where available, else sdpa)")
     parser.add_argument("--image-size", type=int, help="override the flavor's image_size (e.g. 1344)")
     parser.add_argument("--teacher", help="open_clip teacher name or local dir recorded in the config (PAL)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new layers' initialisation")
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher:
         overrides["teacher_model"] = args.teacher
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model, processor = build_eve(args.decoder, args.flavor, dtype=dtype, seed=args.seed, **overrides)
+    model, processor = build_eve(args.decoder, args.flavor, dtype=dtype, attn_implementation=args.attn, seed=args.seed, **overrides)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     parts = model.num_parameters_by_part()

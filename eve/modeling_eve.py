@@ -7,6 +7,8 @@ attention goes through its own interface (`sdpa`, `flash_attention_2`, `eager`).
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -14,6 +16,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from eve.configuration_eve import EveConfig
 from eve.patch_embedding import EveVisionEmbedding, ImageFeatures
+
+
+def default_attn_implementation() -> str:
+    """`flash_attention_2` where flash-attn imports and CUDA is present, else `sdpa`."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        try:
+            import flash_attn  # noqa: F401  (a broken build must not be picked)
+        except ImportError:
+            return "sdpa"
+        return "flash_attention_2"
+    return "sdpa"
 
 
 class EvePreTrainedModel(PreTrainedModel):

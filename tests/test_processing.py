@@ -26,6 +26,7 @@ def ip672():
         ((900, 300), (224, 672), 1 + 8 * 25),  # 3:1 landscape (w, h) = (900, 300)
         ((200, 1000), (672, 140), None),  # 1:5: 336*200/1000 = 67.2 -> 70 at 336 -> 140
         ((1, 4000), (672, 28), 1 + 24 * 2),  # a 1-pixel-wide sliver still gets one patch column
+        ((1, 1), (672, 672), 601),  # a single pixel
     ],
 )
 def test_geometry_and_token_counts(ip672, size, resized, tokens):
