@@ -48,23 +48,14 @@ def make_tiny_tokenizer(vocab_size: int = 512):
     )
 
 
-def tiny_llama_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, **overrides):
+def tiny_llama_config(**overrides):
+    """The `debug` flavor's decoder config (hidden 64, 2 layers), with overrides."""
     from transformers import LlamaConfig
 
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
+    from eve.configuration_eve import FLAVORS
+
+    kwargs = {**FLAVORS["debug"]()["text_config"], **overrides}
+    kwargs.pop("model_type")
     return LlamaConfig(**kwargs)
 
 
