@@ -94,13 +94,14 @@ class AlignedOutput:
 
 
 class EveForAlignedTraining(nn.Module):
-    """EVE plus the PAL, for stages that align to the teacher. The trainer runs the frozen
-    teacher and passes its tokens in (`teacher_tokens` [N, G, G, C], see eve.teacher)."""
+    """EVE plus the PAL: the module a training stage optimises. The trainer runs the frozen
+    teacher and passes its tokens in (`teacher_tokens` [N, G, G, C], see eve.teacher). With
+    `use_pal=False` it is the plain LM loss in the same output type (stage 3 by default)."""
 
-    def __init__(self, model: EveForCausalLM, pal_weight: float = 1.0):
+    def __init__(self, model: EveForCausalLM, pal_weight: float = 1.0, use_pal: bool = True):
         super().__init__()
         self.model = model
-        self.pal = PatchAligningLayer(model.config)
+        self.pal = PatchAligningLayer(model.config) if use_pal else None
         self.pal_weight = pal_weight
 
     def forward(
@@ -114,6 +115,10 @@ class EveForAlignedTraining(nn.Module):
         **kwargs,
     ) -> AlignedOutput:
         config = self.model.config
+        if self.pal is None:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
+                             image_sizes=image_sizes, use_cache=False, **kwargs)
+            return AlignedOutput(out.loss, out.loss, out.loss.new_zeros(()), out.logits)
         features = self.model.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
         out = self.model(
             inputs_embeds=self.model.embed_inputs(input_ids, features),

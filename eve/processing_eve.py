@@ -79,6 +79,19 @@ def expand_image_tokens(
     return out_ids, out_labels
 
 
+def pad_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """[3, h_i, w_i] arrays -> [N, 3, max h, max w], each at the top-left, zeros (the mean) elsewhere."""
+    hmax, wmax = max(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
+    batch = np.zeros((len(arrays), arrays[0].shape[0], hmax, wmax), dtype=np.float32)
+    for b, arr in enumerate(arrays):
+        batch[b, :, : arr.shape[1], : arr.shape[2]] = arr
+    return batch
+
+
+def image_sizes_of(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.asarray([a.shape[1:] for a in arrays], dtype=np.int64).reshape(-1, 2)
+
+
 class EveImageProcessor(BaseImageProcessor):
     r"""Resizes any image to EVE's geometry and normalises it (SPEC 1.1).
 
@@ -153,27 +166,30 @@ class EveImageProcessor(BaseImageProcessor):
         if not isinstance(images, (list, tuple)):
             images = [images]
         pil = [load_image(im, self.max_pixels) for im in images]
-        sizes = [self.resized_size(im.height, im.width) for im in pil]
-        arrays = [self._to_array(im, s, self.image_mean, self.image_std) for im, s in zip(pil, sizes)]
-        data = {}
         if pad_to_square:
-            side = self.image_size
-            batch = np.zeros((len(pil), 4, side, side), dtype=np.float32)
-            for b, (arr, (h, w)) in enumerate(zip(arrays, sizes)):
-                top, left = centred_offset(side, h, self.patch_size), centred_offset(side, w, self.patch_size)
-                batch[b, :3, top : top + h, left : left + w] = arr
-                batch[b, 3, top : top + h, left : left + w] = 1.0
-            data["pixel_values"] = batch
+            data = {"pixel_values": self.square_canvas(pil)}
         else:
-            hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
-            batch = np.zeros((len(pil), 3, hmax, wmax), dtype=np.float32)
-            for b, (arr, (h, w)) in enumerate(zip(arrays, sizes)):
-                batch[b, :, :h, :w] = arr
-            data["pixel_values"] = batch
-            data["image_sizes"] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+            arrays = [self.preprocess_one(im) for im in pil]
+            data = {"pixel_values": pad_images(arrays), "image_sizes": image_sizes_of(arrays)}
         if return_teacher:
             data["teacher_pixel_values"] = self.teacher_pixels(pil)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def preprocess_one(self, image: Image.Image) -> np.ndarray:
+        """One decoded RGB image at model geometry, normalised and un-padded: [3, h, w]."""
+        return self._to_array(image, self.resized_size(image.height, image.width), self.image_mean, self.image_std)
+
+    def square_canvas(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The reference layout: centred on an image_size square, 4th channel = real pixels."""
+        side = self.image_size
+        batch = np.zeros((len(images), 4, side, side), dtype=np.float32)
+        for b, img in enumerate(images):
+            arr = self.preprocess_one(img)
+            h, w = arr.shape[1:]
+            top, left = centred_offset(side, h, self.patch_size), centred_offset(side, w, self.patch_size)
+            batch[b, :3, top : top + h, left : left + w] = arr
+            batch[b, 3, top : top + h, left : left + w] = 1.0
+        return batch
 
     def teacher_pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
         """The teacher's copies: geometry at teacher scale, centred on a T x T canvas."""

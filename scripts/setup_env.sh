@@ -28,4 +28,9 @@ with open(pth, "w") as f:
 PY
 .venv/bin/python -c "import transformers, open_clip; from transformers import LlamaConfig" \
   || { echo "setup_env: the environment does not import cleanly" >&2; exit 1; }
+# DeepSpeed JIT-compiles its shared-memory communication op on the first CPU run (~45 s):
+# build it now, into the repo's ignored build area, so training and tests do not pay for it.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/build/torch_extensions}
+.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null \
+  || echo "setup_env: DeepSpeed's shm op did not build; it will be built on first use" >&2
 echo "setup_env: .venv ready"

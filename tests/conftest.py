@@ -3,6 +3,12 @@ and a debug-flavor EVE built from them through the same code path as a real Vicu
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+# DeepSpeed's JIT-built ops are cached here (scripts/setup_env.sh builds them once).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / "build" / "torch_extensions"))
+
 import numpy as np
 import pytest
 import torch

@@ -1,0 +1,27 @@
+"""Stage-wise freezing and parameter groups, applied to the model from outside (SPEC 2).
+
+Stage 1 trains the patch embedding, projector and PAL with the decoder frozen; stages 2-3
+train everything. The vision side (PEL + projector + PAL) and the decoder get their own
+learning rates; a learning rate of 0 freezes that part (requires_grad False, no optimizer
+state), so stage 1 leaves every decoder weight bit-identical.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from eve.modeling_eve import EveForCausalLM
+
+
+def parameter_groups(model: EveForCausalLM, pal: nn.Module | None, lr_vision: float, lr_decoder: float, weight_decay: float) -> list[dict]:
+    vision = list(model.vision.parameters()) + (list(pal.parameters()) if pal is not None else [])
+    decoder = list(model.language_model.parameters())
+    groups = []
+    for name, params, lr in (("vision", vision, lr_vision), ("decoder", decoder, lr_decoder)):
+        for p in params:
+            p.requires_grad_(lr > 0)
+        if lr > 0:
+            groups.append({"name": name, "params": params, "lr": lr, "weight_decay": weight_decay})
+    if not groups:
+        raise ValueError("nothing to train: both lr_vision and lr_decoder are 0")
+    return groups

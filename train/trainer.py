@@ -1,0 +1,215 @@
+"""One EVE training stage under DeepSpeed: build, freeze, optimise, checkpoint, resume, export.
+
+The model code knows nothing of this: freezing, parameter groups, DeepSpeed, the teacher and
+checkpointing are applied here, from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import eve  # noqa: F401  (Auto classes)
+from eve.build import build_eve
+from eve.modeling_eve import EveForCausalLM
+from eve.patch_aligning import EveForAlignedTraining
+from eve.processing_eve import EveProcessor
+from eve.teacher import ClipTeacher
+from train import checkpoint
+from train.config import CONFIG_DIR, TrainConfig
+from train.data import EveDataset, ResumableSampler, collate
+from train.distributed import DistInfo, all_true, init_distributed, sum_across
+from train.metrics import MetricsLog, memory_gb, peak_flops, plot_losses
+from train.stages import parameter_groups
+
+log = logging.getLogger("eve.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def load_start(cfg: TrainConfig) -> tuple[EveForCausalLM, EveProcessor]:
+    if cfg.init_is_decoder:
+        return build_eve(cfg.init_from, cfg.flavor, attn_implementation=cfg.attn_implementation, seed=cfg.seed, **cfg.flavor_overrides)
+    from transformers import AutoProcessor
+
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    return EveForCausalLM.from_pretrained(cfg.init_from, **kwargs), AutoProcessor.from_pretrained(cfg.init_from)
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """transformers 5.23 renamed gradient checkpointing; 5.17 knows only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
+    ds = json.loads((CONFIG_DIR / f"zero{cfg.zero_stage}.json").read_text())
+    ds.pop("//", None)
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of micro x ranks = {per_step}")
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.global_batch_size // per_step,
+        gradient_clipping=cfg.grad_clip,
+        bf16={"enabled": bf16},
+        zero_allow_untested_optimizer=True,
+        steps_per_print=10**9,
+    )
+    return ds
+
+
+def cosine_with_warmup(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) one stage; returns the exported inference model directory."""
+    import deepspeed
+
+    dist = init_distributed()
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    torch.manual_seed(cfg.seed)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    model, processor = load_start(cfg)
+    if cfg.gradient_checkpointing:
+        _enable_activation_checkpointing(model)
+    module = EveForAlignedTraining(model, cfg.pal_weight, use_pal=cfg.pal)
+    groups = parameter_groups(model, module.pal, cfg.lr_vision, cfg.lr_decoder, cfg.weight_decay)
+    teacher = None
+    if cfg.pal:
+        name = cfg.teacher or model.config.teacher_model
+        teacher = ClipTeacher.from_open_clip(name, cfg.teacher_pretrained or model.config.teacher_pretrained)
+        teacher.to(dist.device, dtype)
+
+    dataset = EveDataset(cfg.data, processor, cfg.template, cfg.max_length, with_teacher=cfg.pal, on_bad_sample=cfg.on_bad_sample)
+    steps_per_epoch = len(dataset) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples make no full global batch of {cfg.global_batch_size}")
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, max(1, round(cfg.warmup_ratio * total_steps))))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dist.world_size, bf16)
+    )
+
+    state = {"step": 0, "samples_consumed": 0, "skipped": {}, "truncated_samples": 0}
+    resumed = checkpoint.load_latest(engine, ckpt_dir)
+    if resumed is not None:  # DeepSpeed adds its own keys to the client state: keep ours
+        state = {key: resumed[key] for key in state}
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics = MetricsLog(out, state["step"]) if dist.is_main else None
+    sampler = ResumableSampler(len(dataset), cfg.seed, dist.rank, dist.world_size, state["samples_consumed"])
+    loader = DataLoader(
+        dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        collate_fn=lambda s: collate(s, processor.tokenizer.pad_token_id), persistent_workers=cfg.num_workers > 0,
+    )
+    last = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    _loop(cfg, dist, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model)
+    if metrics is not None:
+        metrics.close()
+    return _export(cfg, dist, engine, model, processor, out, state["step"] >= total_steps)
+
+
+def _loop(cfg, dist: DistInfo, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model):
+    gas = engine.gradient_accumulation_steps()
+    batches = iter(loader)
+    bar = tqdm(total=last, initial=state["step"], desc=f"stage {cfg.stage}", unit="step", disable=not dist.is_main)
+    window = {"loss": 0.0, "lm_loss": 0.0, "pal_loss": 0.0, "micro": 0, "tokens": 0, "images": 0, "seq": 0, "start": time.time()}
+    while state["step"] < last:
+        for micro in range(gas):
+            batch = next(batches)
+            meta = batch.pop("meta")
+            teacher_pixels = batch.pop("teacher_pixel_values", None)
+            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            teacher_tokens = teacher(teacher_pixels.to(dist.device, dtype)) if teacher is not None and teacher_pixels is not None else None
+            output = engine(**batch, teacher_tokens=teacher_tokens)
+            if not all_true(bool(torch.isfinite(output.loss)), dist.device):
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {state['step'] + 1}, micro-batch {micro} (lm {output.lm_loss.item()}, "
+                    f"pal {output.pal_loss.item()}), samples {meta['ids']}: stopping instead of training through it"
+                )
+            engine.backward(output.loss)
+            engine.step()
+            for key in ("loss", "lm_loss", "pal_loss"):
+                window[key] += getattr(output, key).detach().item()
+            window["micro"] += 1
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["seq"] += batch["input_ids"].shape[1]
+            window["images"] += meta["images"]
+            for _, reason in meta["skipped"]:
+                state["skipped"][reason] = state["skipped"].get(reason, 0) + 1
+            state["truncated_samples"] += meta["truncated_samples"]
+        state["step"] += 1
+        state["samples_consumed"] += cfg.global_batch_size
+        bar.update(1)
+        if state["step"] % cfg.log_every == 0 or state["step"] == last:
+            _log(cfg, dist, engine, window, state, metrics, bar, model)
+        if state["step"] % cfg.save_every == 0 or state["step"] in (last, total_steps):
+            client = {**state, "rng": checkpoint.rng_state()}
+            checkpoint.save(engine, ckpt_dir, state["step"], client, cfg.keep_last, dist.is_main)
+    bar.close()
+
+
+def _log(cfg, dist, engine, window, state, metrics, bar, model):
+    elapsed = time.time() - window["start"]
+    sums = sum_across([window["loss"], window["lm_loss"], window["pal_loss"], window["micro"], window["tokens"], window["images"]], dist.device)
+    loss, lm, pal, micro, tokens, images = sums
+    tokens_per_s = tokens / elapsed
+    seq = window["seq"] / max(1, window["micro"])
+    peak = peak_flops(dist.device)
+    flops = model.flops_per_token(int(seq), train_decoder=cfg.trains_decoder)
+    lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+    record = {
+        "step": state["step"], "loss": loss / micro, "lm_loss": lm / micro, "pal_loss": pal / micro, **lrs,
+        "tokens_per_s": tokens_per_s, "images_per_s": images / elapsed,
+        "model_mfu": flops * tokens_per_s / (peak * dist.world_size) if peak else None,
+        "memory_gb": memory_gb(dist.device), "skipped": sum(state["skipped"].values()), "truncated": state["truncated_samples"],
+    }
+    if metrics is not None:
+        metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", pal=f"{record['pal_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+    window.update(loss=0.0, lm_loss=0.0, pal_loss=0.0, micro=0, tokens=0, images=0, seq=0, start=time.time())
+
+
+def _export(cfg, dist, engine, model, processor, out: Path, finished: bool) -> Path:
+    """The inference checkpoint (no PAL, no teacher) that AutoModelForCausalLM loads."""
+    final = out / "final"
+    if not finished:
+        return final
+    params = list(model.parameters()) if cfg.zero_stage == 3 else []
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
+        if dist.is_main:
+            model.save_pretrained(final)
+            processor.save_pretrained(final)
+            (final / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            plot_losses(out / "metrics.jsonl", out / "loss.png", f"stage {cfg.stage}")
+    torch.distributed.barrier()
+    return final
