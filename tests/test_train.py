@@ -188,3 +188,17 @@ def test_two_processes_on_localhost(tmp_path, data, tiny_llama_dir, tiny_clip_di
     assert run.returncode == 0, run.stderr[-3000:]
     losses = _losses(Path(cfg.output_dir))
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "train" / "configs").glob("stage*.json")))
+def test_shipped_configs_load(name):
+    cfg = TrainConfig.load(name, ["max_steps=3"])
+    assert cfg.max_steps == 3 and cfg.pal == (cfg.stage in (1, 2))
+    assert (cfg.lr_decoder == 0) == (cfg.stage == 1)
+
+
+def test_unknown_config_fields_are_rejected(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"stage": 1, "output_dir": "x", "data": [], "init_from": "y", "lr_visoin": 1}))
+    with pytest.raises(ValueError, match="lr_visoin"):
+        TrainConfig.load(path)
