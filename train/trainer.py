@@ -45,7 +45,7 @@ def load_start(cfg: TrainConfig) -> tuple[EveForCausalLM, EveProcessor]:
     return EveForCausalLM.from_pretrained(cfg.init_from, **kwargs), AutoProcessor.from_pretrained(cfg.init_from)
 
 
-def _enable_activation_checkpointing(model) -> None:
+def enable_activation_checkpointing(model) -> None:
     """transformers 5.23 renamed gradient checkpointing; 5.17 knows only the old name."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> Path:
 
     model, processor = load_start(cfg)
     if cfg.gradient_checkpointing:
-        _enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)
     module = EveForAlignedTraining(model, cfg.pal_weight, use_pal=cfg.pal)
     groups = parameter_groups(model, module.pal, cfg.lr_vision, cfg.lr_decoder, cfg.weight_decay)
     teacher = None
