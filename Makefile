@@ -22,6 +22,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/model_overhead.py
+	$(VENV)/bin/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) build
