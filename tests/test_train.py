@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from train.config import TrainConfig
+from train.config import DataSource, TrainConfig
 from train.trainer import NonFiniteLossError, train
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
@@ -202,3 +202,20 @@ def test_unknown_config_fields_are_rejected(tmp_path):
     path.write_text(json.dumps({"stage": 1, "output_dir": "x", "data": [], "init_from": "y", "lr_visoin": 1}))
     with pytest.raises(ValueError, match="lr_visoin"):
         TrainConfig.load(path)
+
+
+def test_images_from_tar_shards_with_loader_workers(tmp_path, data, tiny_llama_dir, tiny_clip_dir):
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for i in range(16):
+            tar.add(data / "img" / f"{i}.png", arcname=f"{i:04d}.png")
+    rows = [{"id": f"w{i}", "image": f"shard-000.tar#{i:04d}.png",
+             "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a picture"}]} for i in range(16)]
+    (tmp_path / "wds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tmp_path, data, 1, str(tiny_llama_dir), init_is_decoder=True, flavor="debug",
+                 flavor_overrides={"teacher_model": str(tiny_clip_dir)}, num_workers=2)
+    cfg.data = [DataSource(str(tmp_path / "wds.jsonl"))]
+    train(cfg)
+    metrics = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and metrics[-1]["skipped"] == 0 and "data_wait_frac" in metrics[-1]

@@ -138,10 +138,13 @@ def _loop(cfg, dist: DistInfo, engine, teacher, loader, state, last, total_steps
     gas = engine.gradient_accumulation_steps()
     batches = iter(loader)
     bar = tqdm(total=last, initial=state["step"], desc=f"stage {cfg.stage}", unit="step", disable=not dist.is_main)
-    window = {"loss": 0.0, "lm_loss": 0.0, "pal_loss": 0.0, "micro": 0, "tokens": 0, "images": 0, "seq": 0, "start": time.time()}
+    window = {"loss": 0.0, "lm_loss": 0.0, "pal_loss": 0.0, "micro": 0, "tokens": 0, "images": 0, "seq": 0,
+              "data_wait": 0.0, "start": time.time()}
     while state["step"] < last:
         for micro in range(gas):
+            waited = time.time()
             batch = next(batches)
+            window["data_wait"] += time.time() - waited  # > 0 means the loader starves the step
             meta = batch.pop("meta")
             teacher_pixels = batch.pop("teacher_pixel_values", None)
             batch = {k: v.to(dist.device) for k, v in batch.items()}
@@ -189,12 +192,12 @@ def _log(cfg, dist, engine, window, state, metrics, bar, model):
         "step": state["step"], "loss": loss / micro, "lm_loss": lm / micro, "pal_loss": pal / micro, **lrs,
         "tokens_per_s": tokens_per_s, "images_per_s": images / elapsed,
         "model_mfu": flops * tokens_per_s / (peak * dist.world_size) if peak else None,
-        "memory_gb": memory_gb(dist.device), "skipped": sum(state["skipped"].values()), "truncated": state["truncated_samples"],
+        "data_wait_frac": window["data_wait"] / elapsed, "memory_gb": memory_gb(dist.device), "skipped": sum(state["skipped"].values()), "truncated": state["truncated_samples"],
     }
     if metrics is not None:
         metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", pal=f"{record['pal_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-    window.update(loss=0.0, lm_loss=0.0, pal_loss=0.0, micro=0, tokens=0, images=0, seq=0, start=time.time())
+    window.update(loss=0.0, lm_loss=0.0, pal_loss=0.0, micro=0, tokens=0, images=0, seq=0, data_wait=0.0, start=time.time())
 
 
 def _export(cfg, dist, engine, model, processor, out: Path, finished: bool) -> Path:
