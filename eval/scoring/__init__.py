@@ -1,0 +1,1 @@
+"""Benchmark scoring, independent of any model: the official rules, re-implemented and tested."""

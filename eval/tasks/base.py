@@ -1,0 +1,82 @@
+"""What a benchmark task is: how to read its files, prompt, parse, score and summarise."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass
+class Item:
+    question_id: str
+    question: str  # the user turn without the image placeholder
+    image: Callable[[], Any] | None  # -> PIL image (opened lazily), or None for text-only
+    target: Any  # whatever the scorer needs (answers, letter, label ...)
+    meta: dict = field(default_factory=dict)  # subtask, category, index ... (kept in records)
+
+
+class Task:
+    """Subclasses read the benchmark's own files and implement `parse` and `score`."""
+
+    name: str = ""
+    max_new_tokens: int = 16
+
+    def load(self, questions: Path, annotations: Path | None, images: Path | None, **options) -> list[Item]:
+        raise NotImplementedError
+
+    def targets(self, annotations: Path, questions: Path | None = None) -> dict[str, Any]:
+        """question_id -> target, from the annotation file alone (for `eve-eval score`)."""
+        return {item.question_id: item.target for item in self.load(questions or annotations, annotations, None)}
+
+    def parse(self, output: str, item: Item) -> str:
+        return output.strip()
+
+    def score(self, parsed: str, target: Any) -> float:
+        raise NotImplementedError
+
+    def summarize(self, records: list[dict]) -> dict:
+        """Task-level metrics from per-item records (default: mean score)."""
+        scores = [r["score"] for r in records]
+        return {"accuracy": sum(scores) / len(scores) if scores else 0.0}
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+def file_image(path: Path) -> Callable[[], Any]:
+    from eve.image_io import load_image
+
+    return lambda: load_image(path)
+
+
+def base64_image(data: str) -> Callable[[], Any]:
+    from eve.image_io import load_image
+
+    return lambda: load_image(base64.b64decode(data))
+
+
+def read_tsv(path: Path) -> list[dict]:
+    import csv
+    import sys
+
+    csv.field_size_limit(sys.maxsize)  # base64 images are long fields
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
