@@ -37,7 +37,7 @@ def parse_inputs(specs: list[str]) -> list[tuple[str, Path]]:
             name, path = Path(spec).name, spec
         if not Path(path).exists():
             raise FileNotFoundError(f"input {spec!r}: {path} does not exist")
-        out.append((name, Path(path)))
+        out.append((name, Path(path).resolve()))  # refs stay valid from any working directory
     return out
 
 
