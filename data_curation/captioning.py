@@ -4,6 +4,7 @@ model, prompt and decoding settings with every caption; or merge captions from a
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -59,15 +60,17 @@ def caption_stage(out: Path, model: str | None = None, captions_file: str | None
                   max_new_tokens: int = 64, batch_size: int = 8, shard_size: int = 1000) -> None:
     if (model is None) == (captions_file is None):
         raise ValueError("caption needs exactly one of --model or --captions-file")
-    kept = [item for item in final_decisions(out) if item["status"] == "kept"]
+    kept = (item for item in final_decisions(out) if item["status"] == "kept")  # streamed: memory is one shard
     dst = out / "caption"
     merged = read_caption_file(Path(captions_file)) if captions_file else None
     captioner = None
-    for index, start in enumerate(tqdm(range(0, len(kept), shard_size), desc="caption", unit="shard")):
+    for index in tqdm(itertools.count(), desc="caption", unit="shard"):
+        chunk = list(itertools.islice(kept, shard_size))
+        if not chunk:
+            break
         target = dst / f"shard-{index:05d}.jsonl"
         if target.exists():
             continue
-        chunk = kept[start : start + shard_size]
         rows = []
         if merged is not None:
             rows = [{"uid": it["uid"], "caption": merged[it["uid"]], "model": f"file:{captions_file}"}

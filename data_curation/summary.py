@@ -4,6 +4,7 @@ to add up, rewritten after every stage."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from data_curation.decisions import count
@@ -12,14 +13,16 @@ from data_curation.shards import read_jsonl, shards, write_json_atomic
 
 def write_summary(out: Path) -> dict:
     scanned = sum(1 for f in shards(out / "scan") for _ in read_jsonl(f))
-    filtered = [r for f in shards(out / "filter") for r in read_jsonl(f)]
     summary = {"scan": {"items": scanned}}
-    if filtered:
-        reasons: dict = {}
-        for r in filtered:
+    filtered = Counter()
+    reasons: Counter = Counter()
+    for f in shards(out / "filter"):  # streamed: counts only
+        for r in read_jsonl(f):
+            filtered[r["status"]] += 1
             if r["status"] == "rejected":
-                reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        summary["filter"] = {"items": len(filtered), "kept": sum(r["status"] == "kept" for r in filtered), "rejected_by_reason": reasons}
+                reasons[r["reason"]] += 1
+    if filtered:
+        summary["filter"] = {"items": sum(filtered.values()), "kept": filtered["kept"], "rejected_by_reason": dict(reasons)}
     if (out / "cluster" / "cluster.json").exists():
         summary["cluster"] = json.loads((out / "cluster" / "cluster.json").read_text())
     if (out / "select" / "selected.json").exists():
