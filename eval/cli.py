@@ -63,9 +63,14 @@ def cmd_score(args) -> None:
     from eval.runner import summarize
     from eval.tasks import get_task
 
+    from eval.tasks.base import Item
+
     task = get_task(args.task)
     targets = task.targets(Path(args.annotations), Path(args.questions) if args.questions else None)
-    items = {it.question_id: it for it in task.load(Path(args.questions or args.annotations), Path(args.annotations), None)}
+    try:  # items carry what parsing needs (the options of a multiple-choice question)
+        items = {it.question_id: it for it in task.load(Path(args.questions or args.annotations), Path(args.annotations), None)}
+    except (KeyError, TypeError, ValueError):  # e.g. VQAv2 annotations without the question file
+        items = {qid: Item(qid, "", None, target) for qid, target in targets.items()}
     records = []
     for n, line in enumerate(Path(args.predictions).read_text().splitlines(), 1):
         if not line.strip():

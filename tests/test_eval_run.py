@@ -143,6 +143,8 @@ def test_score_subcommand_needs_no_model(benchmarks, tmp_path, capsys):
     summary = json.loads(out.out)
     assert summary["accuracy"] == pytest.approx(0.5) and summary["items"] == 6
     assert "preds.jsonl:7" in out.err
+    eval_main(["score", "--task", "vqav2", "--predictions", str(preds), "--annotations", str(spec["annotations"])])
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(0.5)  # annotations alone suffice
 
 
 def test_aspect_ratio_sweep(benchmarks, checkpoint, tmp_path):
