@@ -75,7 +75,7 @@ def _run_batch(model, processor, task, batch, tpl, max_new_tokens, transform, de
                 image = transform(image)
             ready.append((item, image))
         except Exception as e:  # noqa: BLE001
-            records.append(_record(item, "", "", 0.0, None, None, 0, 0.0, f"{type(e).__name__}: {e}"))
+            records.append(_record(item, "", "", _failed_score(item), None, None, 0, 0.0, f"{type(e).__name__}: {e}"))
     groups = [[(i, im) for i, im in ready if im is not None], [(i, im) for i, im in ready if im is None]]
     for group in groups:  # image and text-only prompts are batched apart
         if not group:
@@ -89,7 +89,8 @@ def _run_batch(model, processor, task, batch, tpl, max_new_tokens, transform, de
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         except Exception as e:  # noqa: BLE001
-            records += [_record(it, p, "", 0.0, im, None, 0, 0.0, f"{type(e).__name__}: {e}") for (it, im), p in zip(group, prompts)]
+            records += [_record(it, p, "", _failed_score(it), im, None, 0, 0.0, f"{type(e).__name__}: {e}")
+                        for (it, im), p in zip(group, prompts)]
             continue
         latency = (time.perf_counter() - start) / len(group)
         sizes = inputs["image_sizes"].tolist() if "image_sizes" in inputs else []
@@ -102,6 +103,11 @@ def _run_batch(model, processor, task, batch, tpl, max_new_tokens, transform, de
             score = task.score(parsed, item.target) if item.target is not None else None
             records.append(_record(item, prompt, text.strip(), score, image, processed, n_visual, latency, None, parsed))
     return records
+
+
+def _failed_score(item: Item) -> float | None:
+    """An item we could not answer counts wrong; a malformed row (no target) cannot be scored."""
+    return 0.0 if item.target is not None else None
 
 
 def _record(item, prompt, output, score, image, processed, n_visual, latency, error, parsed="") -> dict:

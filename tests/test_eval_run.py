@@ -54,7 +54,8 @@ def make_benchmarks(root: Path) -> dict[str, dict]:
                                                    "answers": [{"answer": "unanswerable"}] * 10} for i in range(4)]))
     (root / "gqa.json").write_text(json.dumps({f"q{i}": {"imageId": str(i), "question": "Is it big?", "answer": "yes"} for i in range(4)}))
     (root / "pope.jsonl").write_text("".join(json.dumps({"question_id": i, "image": f"{i}.jpg", "text": "Is there a dog?",
-                                                         "label": "yes" if i % 2 else "no"}) + "\n" for i in range(4)))
+                                                         "label": "yes" if i % 2 else "no"}) + "\n" for i in range(4))
+                                     + "{not json\n" + json.dumps({"question_id": 9}) + "\n")  # two malformed rows
     sqa = root / "scienceqa"
     for i in range(3):
         (sqa / "test" / str(i)).mkdir(parents=True)
@@ -115,6 +116,10 @@ def test_every_task_format_runs_end_to_end(task, benchmarks, checkpoint, tmp_pat
     expected = {"pope": "f1", "mme": "perception", "mmbench": "circular_accuracy", "seed": "per_dimension",
                 "scienceqa_img": "parse_failure_rate"}.get(task, "accuracy")
     assert expected in summary
+    if task == "pope":
+        malformed = [r for r in records if r["meta"].get("malformed")]
+        assert len(malformed) == 2 and all("malformed row" in r["error"] for r in malformed)
+        assert summary["errors"] == 2
     if task == "mmbench":
         assert len(records) == 8  # 2 questions x 4 circular shifts
     if task == "scienceqa_img":

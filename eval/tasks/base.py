@@ -45,6 +45,29 @@ class Task:
         return {"accuracy": sum(scores) / len(scores) if scores else 0.0}
 
 
+def bad_row(question_id: str, where: str, error: Exception) -> Item:
+    """A malformed row becomes an item whose image cannot be opened: the runner records it as
+    that item's error and goes on."""
+
+    def fail():
+        raise ValueError(f"{where}: malformed row: {type(error).__name__}: {error}")
+
+    return Item(question_id, "", fail, None, {"malformed": True})
+
+
+def rows_to_items(rows, make_item, where: str, key=lambda i, row: str(i)) -> list[Item]:
+    """make_item(row) (an item, a list of items, or None to skip) for each row; a row it cannot
+    read becomes a bad_row item."""
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            made = make_item(row)
+            items.extend([] if made is None else made if isinstance(made, list) else [made])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            items.append(bad_row(f"malformed-{key(i, row)}", f"{where} row {i}", e))
+    return items
+
+
 TASKS: dict[str, type[Task]] = {}
 
 

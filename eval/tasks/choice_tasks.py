@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from eval.scoring.choice import LETTERS, choice_prompt, circular_eval, circular_shifts, parse_letter
-from eval.tasks.base import MULTIPLE_CHOICE, Item, Task, base64_image, file_image, read_tsv, register
+from eval.tasks.base import MULTIPLE_CHOICE, Item, Task, base64_image, file_image, read_tsv, register, rows_to_items
 
 
 class _ChoiceTask(Task):
@@ -33,16 +33,19 @@ class ScienceQA(_ChoiceTask):
     name = "scienceqa_img"
 
     def load(self, questions, annotations, images, split: str = "test", **options):
-        problems = json.loads(Path(annotations or questions).read_text())
-        items = []
-        for pid, p in problems.items():
+        path = Path(annotations or questions)
+        problems = json.loads(path.read_text())
+
+        def make(kv):
+            pid, p = kv
             if p.get("split", split) != split or not p.get("image"):
-                continue
+                return None
             options_ = list(p["choices"])
             prompt = choice_prompt(p["question"], options_, p.get("hint") or None) + "\n" + MULTIPLE_CHOICE
             image = file_image(Path(images) / split / pid / p["image"]) if images else None
-            items.append(Item(pid, prompt, image, LETTERS[p["answer"]], {"options": options_}))
-        return items
+            return Item(pid, prompt, image, LETTERS[p["answer"]], {"options": options_})
+
+        return rows_to_items(list(problems.items()), make, str(path), key=lambda i, kv: kv[0])
 
 
 @register
@@ -53,17 +56,17 @@ class MMBench(_ChoiceTask):
     name = "mmbench"
 
     def load(self, questions, annotations, images, circular: bool = True, **options):
-        items = []
-        for row in read_tsv(Path(questions)):
+        def make(row):
             opts = [row[c] for c in "ABCD" if row.get(c) and row[c] != "nan"]
             answer = row.get("answer")
             shifts = circular_shifts(opts, answer) if circular and answer else [(opts, answer)]
-            for s, (rotated, letter) in enumerate(shifts):
-                hint = row.get("hint") if row.get("hint") not in (None, "", "nan") else None
-                prompt = choice_prompt(row["question"], rotated, hint) + "\n" + MULTIPLE_CHOICE
-                items.append(Item(f"{row['index']}-{s}", prompt, base64_image(row["image"]), letter,
-                                  {"options": rotated, "index": row["index"], "category": row.get("category", "")}))
-        return items
+            hint = row.get("hint") if row.get("hint") not in (None, "", "nan") else None
+            return [Item(f"{row['index']}-{s}", choice_prompt(row["question"], rotated, hint) + "\n" + MULTIPLE_CHOICE,
+                         base64_image(row["image"]), letter,
+                         {"options": rotated, "index": row["index"], "category": row.get("category", "")})
+                    for s, (rotated, letter) in enumerate(shifts)]
+
+        return rows_to_items(read_tsv(Path(questions)), make, str(questions))
 
     def summarize(self, records):
         out = super().summarize(records)
@@ -81,16 +84,16 @@ class SEEDBench(_ChoiceTask):
     def load(self, questions, annotations, images, **options):
         raw = json.loads(Path(annotations or questions).read_text())
         names = {v: k for k, v in raw.get("question_type", {}).items()}
-        items = []
-        for q in raw["questions"]:
+        def make(q):
             if q.get("data_type", "image") != "image":
-                continue
+                return None
             opts = [q[f"choice_{c}"] for c in "abcd"]
             prompt = choice_prompt(q["question"], opts) + "\n" + MULTIPLE_CHOICE
             image = file_image(Path(images) / q["data_id"]) if images else None
-            items.append(Item(str(q["question_id"]), prompt, image, q["answer"],
-                              {"options": opts, "dimension": names.get(q["question_type_id"], str(q["question_type_id"]))}))
-        return items
+            return Item(str(q["question_id"]), prompt, image, q["answer"],
+                        {"options": opts, "dimension": names.get(q["question_type_id"], str(q["question_type_id"]))})
+
+        return rows_to_items(raw["questions"], make, str(annotations or questions))
 
     def summarize(self, records):
         out = super().summarize(records)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from eval.scoring.pope import parse_yes_no, pope_metrics
-from eval.tasks.base import SHORT_ANSWER, Item, Task, file_image, register
+from eval.tasks.base import SHORT_ANSWER, Item, Task, file_image, register, rows_to_items
 
 
 @register
@@ -17,18 +17,16 @@ class POPE(Task):
     max_new_tokens = 8
 
     def load(self, questions, annotations, images, **options):
-        items = []
-        for n, line in enumerate(Path(annotations or questions).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{annotations or questions}:{n}: {e}") from e
+        path = Path(annotations or questions)
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+
+        def make(line):
+            r = json.loads(line)
             image = file_image(Path(images) / r["image"]) if images else None
-            items.append(Item(str(r["question_id"]), f"{r['text']}\n{SHORT_ANSWER}", image, r.get("label"),
-                              {"category": r.get("category", "")}))
-        return items
+            return Item(str(r["question_id"]), f"{r['text']}\n{SHORT_ANSWER}", image, r.get("label"),
+                        {"category": r.get("category", "")})
+
+        return rows_to_items(lines, make, str(path))
 
     def parse(self, output, item):
         return parse_yes_no(output)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from eval.scoring.vqa import exact_match, vqa_accuracy
-from eval.tasks.base import SHORT_ANSWER, Item, Task, file_image, register
+from eval.tasks.base import SHORT_ANSWER, Item, Task, file_image, register, rows_to_items
 
 
 def _load_json(path: Path):
@@ -34,14 +34,15 @@ class VQAv2(_VqaTask):
         if annotations:
             answers = {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in _load_json(annotations)["annotations"]}
         split = _load_json(questions).get("data_subtype", "val2014")
-        items = []
-        for q in qs:
+
+        def make(q):
             image = None
             if images is not None:
                 path = Path(images) / f"COCO_{split}_{int(q['image_id']):012d}.jpg"
                 image = file_image(path if path.exists() else Path(images) / f"{q['image_id']}.jpg")
-            items.append(Item(str(q["question_id"]), f"{q['question']}\n{SHORT_ANSWER}", image, answers.get(str(q["question_id"]))))
-        return items
+            return Item(str(q["question_id"]), f"{q['question']}\n{SHORT_ANSWER}", image, answers.get(str(q["question_id"])))
+
+        return rows_to_items(qs, make, str(questions))
 
     def targets(self, annotations, questions=None):
         return {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in _load_json(annotations)["annotations"]}
@@ -56,8 +57,9 @@ class VizWiz(_VqaTask):
     def load(self, questions, annotations, images, **options):
         rows = _load_json(annotations or questions)
         prompt = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER
-        return [Item(r["image"], f"{r['question']}\n{prompt}", file_image(Path(images) / r["image"]) if images else None,
-                     [a["answer"] for a in r.get("answers", [])]) for r in rows]
+        return rows_to_items(rows, lambda r: Item(r["image"], f"{r['question']}\n{prompt}",
+                                                  file_image(Path(images) / r["image"]) if images else None,
+                                                  [a["answer"] for a in r.get("answers", [])]), str(annotations or questions))
 
 
 @register
@@ -69,14 +71,14 @@ class TextVQA(_VqaTask):
 
     def load(self, questions, annotations, images, ocr: bool = False, **options):
         rows = _load_json(annotations or questions)["data"]
-        items = []
-        for r in rows:
+        def make(r):
             question = r["question"]
             if ocr and r.get("ocr_tokens"):
                 question += "\nReference OCR token: " + ", ".join(r["ocr_tokens"])
             image = file_image(Path(images) / f"{r['image_id']}.jpg") if images else None
-            items.append(Item(str(r["question_id"]), f"{question}\n{SHORT_ANSWER}", image, r.get("answers", [])))
-        return items
+            return Item(str(r["question_id"]), f"{question}\n{SHORT_ANSWER}", image, r.get("answers", []))
+
+        return rows_to_items(rows, make, str(annotations or questions))
 
 
 @register
@@ -87,9 +89,9 @@ class GQA(Task):
 
     def load(self, questions, annotations, images, **options):
         rows = _load_json(questions)
-        return [Item(str(qid), f"{q['question']}\n{SHORT_ANSWER}",
-                     file_image(Path(images) / f"{q['imageId']}.jpg") if images else None, q.get("answer"))
-                for qid, q in rows.items()]
+        return rows_to_items(list(rows.items()), lambda kv: Item(str(kv[0]), f"{kv[1]['question']}\n{SHORT_ANSWER}",
+                             file_image(Path(images) / f"{kv[1]['imageId']}.jpg") if images else None, kv[1].get("answer")),
+                             str(questions), key=lambda i, kv: kv[0])
 
     def score(self, parsed, target) -> float:
         return exact_match(parsed, target)
