@@ -19,12 +19,15 @@ import argparse
 import json
 from pathlib import Path
 
+from data_curation.shards import remove_partial
 from data_curation.summary import write_summary
 
 STAGES = ["scan", "filter", "embed", "cluster", "select", "caption", "export"]
 
 
 def run_stage(stage: str, out: Path, **kw) -> None:
+    if remove_partial(out / stage):
+        print(f"{stage}: removed partial files of an interrupted run")
     if stage == "scan":
         from data_curation.sources import scan
 

@@ -55,3 +55,13 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 def shards(folder: Path, suffix: str = ".jsonl") -> list[Path]:
     """The finished shard files of a stage, in order."""
     return sorted(folder.glob(f"shard-*{suffix}")) if folder.exists() else []
+
+
+def remove_partial(folder: Path) -> int:
+    """Delete temporary files a killed run left behind (one writer per output folder)."""
+    if not folder.exists():
+        return 0
+    stale = [p for p in folder.rglob("*.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return len(stale)
