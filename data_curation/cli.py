@@ -1,123 +1,263 @@
-"""eve-curate: EVE's pre-training data curation (SPEC 3), one subcommand per stage.
+"""eve-curate: EVE's pre-training data curation (SPEC section 3), one subcommand per stage.
 
-    eve-curate scan    --out cur --input sa1b=/data/sa1b --input laion=/data/laion-shards
-    eve-curate filter  --out cur --min-side 448 [--dedup]
+    eve-curate scan    --out cur --input sa1b=/data/sa1b --input laion=/data/laion   (folders, .tar, parquet)
+    eve-curate filter  --out cur --min-side 448 --dedup --workers 16
     eve-curate embed   --out cur --model EVA02-L-14 --pretrained merged2b_s4b_b131k --sources laion
     eve-curate cluster --out cur --k 50000 --niter 20
     eve-curate select  --out cur --per-cluster 300
-    eve-curate caption --out cur --model path/to/captioner      (or --captions-file caps.jsonl)
-    eve-curate export  --out cur [--webdataset]
-    eve-curate run     --config pipeline.json                   (all of the above from one file)
+    eve-curate caption --out cur --model path/to/captioner      (or --captions-file captions.jsonl)
+    eve-curate export  --out cur [--webdataset]                 (-> cur/export/train.jsonl for eve-train)
+    eve-curate run     --config pipeline.json                   (the stages named in one JSON/YAML file)
 
-Every stage works in shards and skips finished ones: after `kill -9`, re-run the same command.
-summary.json at the root of --out holds the counts per stage and reason, checked to add up.
+Every stage works in shards written atomically and skips finished ones: after `kill -9`, run the
+same command again. embed, select (its assignment) and caption take --part I/N to spread the
+shards over N processes or GPUs. Every scanned item ends kept or rejected with a reason;
+cur/summary.json (rewritten after every stage) holds the counts per stage and reason, checked to
+add up, and cur/cluster_sizes.png the histogram of cluster sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 
-from data_curation.shards import remove_partial
-from data_curation.summary import write_summary
+from data_curation.shards import CurationError, Part, run_lock
 
-STAGES = ["scan", "filter", "embed", "cluster", "select", "caption", "export"]
-
-
-def run_stage(stage: str, out: Path, **kw) -> None:
-    if remove_partial(out / stage):
-        print(f"{stage}: removed partial files of an interrupted run")
-    if stage == "scan":
-        from data_curation.sources import scan
-
-        n = scan(kw["input"], out, kw.get("shard_size", 1000))
-        print(f"scan: {n} items from {len(kw['input'])} input(s)")
-    elif stage == "filter":
-        from data_curation.filtering import FilterSettings, filter_stage
-
-        filter_stage(out, FilterSettings(kw.get("min_side", 448), kw.get("max_aspect", 4.0), kw.get("dedup", False), kw.get("max_pixels")))
-    elif stage == "embed":
-        from data_curation.embedding import embed_stage
-
-        embed_stage(out, kw.get("model", "EVA02-L-14"), kw.get("pretrained"), kw.get("sources"), kw.get("batch_size", 64))
-    elif stage == "cluster":
-        from data_curation.clustering import cluster_stage
-
-        cluster_stage(out, kw["k"], kw.get("niter", 20), kw.get("seed", 0), kw.get("sample"), kw.get("max_points_per_centroid", 256))
-    elif stage == "select":
-        from data_curation.selection import select_stage
-
-        select_stage(out, kw.get("per_cluster", 300))
-    elif stage == "caption":
-        from data_curation.captioning import DEFAULT_PROMPT, caption_stage
-
-        caption_stage(out, kw.get("model"), kw.get("captions_file"), kw.get("prompt") or DEFAULT_PROMPT,
-                      kw.get("max_new_tokens", 64), kw.get("batch_size", 8))
-    elif stage == "export":
-        from data_curation.export import export_stage
-
-        print(f"export: {export_stage(out, kw.get('webdataset', False))}")
-    summary = write_summary(out)
-    print(f"{stage}: done; final {summary['final']}")
+STAGES = ("scan", "filter", "embed", "cluster", "select", "caption", "export")
+PART_HELP = "I/N: do only the shards whose index is I modulo N (run N of these side by side, e.g. one per GPU)"
+log = logging.getLogger("eve-curate")
 
 
-def run_pipeline(config_path: Path) -> None:
-    """A JSON file: {"out": ..., "scan": {...}, "filter": {...}, ...}; stages absent are skipped."""
-    cfg = json.loads(Path(config_path).read_text())
-    out = Path(cfg["out"])
-    for stage in STAGES:
-        if stage in cfg:
-            run_stage(stage, out, **cfg[stage])
+def _cpus(cap: int) -> int:
+    return max(1, min(cap, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="eve-curate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="stage", required=True)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    subs: dict[str, argparse.ArgumentParser] = {}
 
-    def stage(name: str, help_: str):
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--out", required=True, type=Path, help="the curation folder (shared by all stages)")
+    def stage(name: str, summary: str, details: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=f"{summary}.\n\n{details}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--out", required=True, type=Path, help="the curation folder, shared by all stages")
+        subs[name] = p
         return p
 
-    p = stage("scan", "list images from folders, tar shards and img2dataset parquet; read sizes from headers")
-    p.add_argument("--input", action="append", required=True, metavar="NAME=PATH", help="a source (repeatable)")
-    p.add_argument("--shard-size", type=int, default=1000)
-    p = stage("filter", "reject too small, too elongated, undecodable and (optionally) duplicate images")
-    p.add_argument("--min-side", type=int, default=448, help="minimum of both sides (SPEC: 448)")
-    p.add_argument("--max-aspect", type=float, default=4.0, help="maximum long/short side ratio")
-    p.add_argument("--dedup", action="store_true", help="reject exact duplicates (SHA-256 of the bytes)")
-    p.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit")
-    p = stage("embed", "L2-normalised open_clip image embeddings of the kept images")
-    p.add_argument("--model", default="EVA02-L-14", help="open_clip name or local directory")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag or checkpoint file")
-    p.add_argument("--sources", nargs="*", default=None, help="only these sources are clustered (SPEC: laion)")
+    p = stage("scan", "list the images of every input with a stable uid and their size from the header",
+              "Inputs: folders (recursive), webdataset .tar shards, img2dataset parquet with its images in the tar or\n"
+              "folder of the same name or beside it. Writes scan/shard-*.jsonl.")
+    p.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
+                   help="a source: NAME=folder|x.tar|x.parquet (repeatable)")
+    p.add_argument("--shard-size", type=int, default=5000, help="items per shard, the unit of resumption (default 5000)")
+
+    p = stage("filter", "reject too small, too elongated, undecodable and (optionally) duplicate images",
+              "Reasons: too_small, bad_aspect, missing, empty, decode_error, too_large, duplicate. Writes filter/shard-*.jsonl\n"
+              "with every item and its decision.")
+    p.add_argument("--min-side", type=int, default=448, help="minimum of width and height (SPEC 3: 448)")
+    p.add_argument("--max-aspect", type=float, default=4.0, help="maximum long side / short side (default 4)")
+    p.add_argument("--dedup", action="store_true", help="reject exact duplicates (hash of the bytes; the first in scan order stays)")
+    p.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit in pixels (default: Pillow's, ~89M)")
+    p.add_argument("--workers", type=int, default=_cpus(16),
+                   help="decoding processes (0: in this process; default: the CPUs, at most 16)")
+
+    p = stage("embed", "L2-normalised open_clip image embeddings of the kept images of the clustered sources",
+              "Writes embed/shard-*.npy (float rows) and shard-*.json (their uids, and images that failed).\n"
+              "fp16 on GPU, fp32 on CPU.")
+    p.add_argument("--model", default="EVA02-L-14",
+                   help="open_clip model name, or a local directory in open_clip's layout (default EVA02-L-14)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (e.g. merged2b_s4b_b131k) or a checkpoint file")
+    p.add_argument("--sources", nargs="*", default=None, help="the sources to embed, cluster and select (SPEC 3: laion); default all")
     p.add_argument("--batch-size", type=int, default=64)
-    p = stage("cluster", "spherical K-means with FAISS")
-    p.add_argument("--k", type=int, default=50000)
-    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--workers", type=int, default=_cpus(8), help="DataLoader decoding workers (0: in this process)")
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"], help="dtype of the saved embeddings")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    p.add_argument("--part", default=None, metavar="I/N", help=PART_HELP)
+
+    p = stage("cluster", "spherical K-means with FAISS",
+              "FAISS trains on at most --max-points-per-centroid points per centroid; the run samples that many\n"
+              "(--sample) and says how many it trained on. Writes cluster/centroids.npy and cluster/done.json.")
+    p.add_argument("--k", type=int, default=50000, help="number of clusters (SPEC 3: 50,000)")
+    p.add_argument("--niter", type=int, default=20, help="K-means iterations (default 20)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample", type=int, default=None, help="embeddings sampled for training (default: all)")
-    p.add_argument("--max-points-per-centroid", type=int, default=256, help="FAISS's subsampling cap")
-    p = stage("select", "assign every embedding to its cluster; keep the N nearest per cluster")
-    p.add_argument("--per-cluster", type=int, default=300)
-    p = stage("caption", "re-caption kept images with a model, or merge captions from a file")
-    p.add_argument("--model", default=None, help="captioner: any transformers image-to-text model or an EVE checkpoint")
-    p.add_argument("--captions-file", default=None, help="JSONL {uid, caption} or CSV/TSV with uid, caption")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--sample", type=int, default=None, help="embeddings sampled for training (default: k x max-points-per-centroid)")
+    p.add_argument("--max-points-per-centroid", type=int, default=256, help="FAISS's subsampling cap (default 256)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for FAISS (default: all FAISS sees; 0: CPU)")
+
+    p = stage("select", "assign every embedding to its nearest centroid; keep the N nearest members of each cluster",
+              "A partition (no image is picked twice); the others are rejected as cluster_rank. Clusters smaller than\n"
+              "N keep all their members and are reported. Writes select/shard-*.jsonl and cluster_sizes.png.")
+    p.add_argument("--per-cluster", type=int, default=300, help="N kept per cluster (SPEC 3: 300)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs for the assignment index (default: all FAISS sees; 0: CPU)")
+    p.add_argument("--merge-budget", type=int, default=None, help="top-N merge buffer in entries (default max(K*N, 1M))")
+    p.add_argument("--part", default=None, metavar="I/N", help=PART_HELP + "; only the assignment is split, then run without --part")
+
+    p = stage("caption", "re-caption the kept images with a model, or merge captions from a file keyed by uid",
+              "Any transformers image-to-text model or an EVE checkpoint; model, prompt and decoding settings are\n"
+              "recorded with every caption. Images without a caption are rejected (no_caption, caption_error, ...).")
+    p.add_argument("--model", default=None, help="captioner: a path or hub id")
+    p.add_argument("--captions-file", default=None, help="instead of a model: JSONL {uid, caption, ...} or CSV/TSV with uid, caption")
+    p.add_argument("--prompt", default=None,
+                   help="the instruction given with each image (default: a request for a detailed description)")
+    p.add_argument("--template", default="vicuna_v1", help="EVE captioners: the eve.templates prompt template")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding")
     p.add_argument("--batch-size", type=int, default=8)
-    p = stage("export", "training manifests (train.jsonl, llava.json), optionally webdataset tars")
-    p.add_argument("--webdataset", action="store_true")
-    p = sub.add_parser("run", help="the whole pipeline from a JSON config", description=run_pipeline.__doc__)
-    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    p.add_argument("--part", default=None, metavar="I/N", help=PART_HELP)
+
+    p = stage("export", "write the training manifests (export/train.jsonl, llava.json) and every item's decision",
+              "train.jsonl is what eve-train reads (DataSource path); --webdataset also re-shards images + JSON into tars.")
+    p.add_argument("--webdataset", action="store_true", help="copy images + json + txt into export/webdataset/shard-*.tar")
+    p.add_argument("--per-tar", type=int, default=1000, help="samples per webdataset tar")
+    p.add_argument("--relative-paths", action="store_true", help="image paths relative to export/ instead of absolute")
+    p.add_argument("--no-llava-json", dest="llava_json", action="store_false", help="skip llava.json (one big JSON list)")
+
+    p = sub.add_parser("run", help="run the stages named in a JSON (or YAML) config file, in order",
+                       description="Run the pipeline from a config file: {\"out\": DIR, \"scan\": {...}, \"filter\": {...}, ...}. "
+                                   "Each stage's options are its command-line options (underscores or dashes). "
+                                   "Stages absent from the file are skipped. Re-running resumes.")
+    p.add_argument("--config", required=True, type=Path, help="pipeline.json (or .yaml)")
+    p.add_argument("--out", type=Path, default=None, help="overrides the config's out")
+    subs["run"] = p
+    return parser, subs
+
+
+def run_stage(stage: str, args: argparse.Namespace) -> dict:
+    """Runs one stage under the output's lock, then rewrites summary.json."""
+    from data_curation.summary import write_summary
+
+    out: Path = args.out
+    part = Part.parse(getattr(args, "part", None))
+    with run_lock(out, stage, part):
+        result = _dispatch(stage, out, args, part)
+    write_summary(out)
+    return result
+
+
+def _dispatch(stage: str, out: Path, a: argparse.Namespace, part: Part) -> dict:
+    if stage == "scan":
+        from data_curation.sources import scan_stage
+
+        return scan_stage(out, a.input, a.shard_size)
+    if stage == "filter":
+        from data_curation.filtering import FilterSettings, filter_stage
+
+        return filter_stage(out, FilterSettings(a.min_side, a.max_aspect, a.dedup, a.max_pixels), a.workers)
+    if stage == "embed":
+        from data_curation.embedding import embed_stage
+
+        if a.pretrained is None and not Path(a.model).is_dir():
+            log.warning("embed: --model %s without --pretrained: random weights, the clusters will mean nothing", a.model)
+        return embed_stage(out, a.model, a.pretrained, a.sources, a.batch_size, a.workers, a.store_dtype, part, a.device)
+    if stage == "cluster":
+        from data_curation.clustering import cluster_stage
+
+        return cluster_stage(out, a.k, a.niter, a.seed, a.sample, a.max_points_per_centroid, a.gpus)
+    if stage == "select":
+        from data_curation.selection import select_stage
+
+        return select_stage(out, a.per_cluster, part, a.merge_budget, a.gpus)
+    if stage == "caption":
+        from data_curation.captioning import DEFAULT_PROMPT, caption_stage
+
+        return caption_stage(out, a.model, a.captions_file, a.prompt or DEFAULT_PROMPT, a.template, a.max_new_tokens, a.num_beams,
+                             a.batch_size, part, a.device)
+    if stage == "export":
+        from data_curation.export import export_stage
+
+        return export_stage(out, a.webdataset, a.per_tar, a.relative_paths, a.llava_json)
+    raise CurationError(f"unknown stage {stage!r}")
+
+
+def load_config(path: Path) -> dict:
+    if not path.exists():
+        raise CurationError(f"--config {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise CurationError(f"{path}: YAML configs need PyYAML, which is not installed: use JSON") from None
+            cfg = yaml.safe_load(text)
+        else:
+            cfg = json.loads(text)
+    except CurationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - JSON and YAML raise different types
+        raise CurationError(f"{path}: cannot parse: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CurationError(f"{path}: expected a mapping of stage names to options")
+    unknown = sorted(set(cfg) - set(STAGES) - {"out"})
+    if unknown:
+        raise CurationError(f"{path}: unknown key(s) {unknown}; expected 'out' and stages {list(STAGES)}")
+    return cfg
+
+
+def config_argv(sub: argparse.ArgumentParser, stage: str, options: dict, where: Path) -> list[str]:
+    """A stage's options from the config as its command line, so argparse applies the same
+    types, defaults and checks as on the command line."""
+    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "out")}
+    argv: list[str] = []
+    for key, value in (options or {}).items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            raise CurationError(f"{where}: {stage}: unknown option {key!r}; known: {sorted(actions)}")
+        flag = action.option_strings[-1]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise CurationError(f"{where}: {stage}.{key} must be true or false")
+            if value != action.default:
+                argv.append(flag)
+        elif value is None:
+            continue
+        elif isinstance(action, argparse._AppendAction):
+            for v in value if isinstance(value, list) else [value]:
+                argv += [flag, str(v)]
+        elif action.nargs in ("*", "+"):
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run_pipeline(config: Path, out_override: Path | None, subs: dict[str, argparse.ArgumentParser]) -> dict:
+    cfg = load_config(config)
+    out = out_override or (Path(cfg["out"]) if "out" in cfg else None)
+    if out is None:
+        raise CurationError(f"{config}: no 'out' (or pass --out)")
+    stages = [s for s in STAGES if s in cfg]
+    log.info("run: stages %s into %s", stages, out)
+    results = {}
+    for stage in stages:
+        args = subs[stage].parse_args(["--out", str(out), *config_argv(subs[stage], stage, cfg[stage], config)])
+        log.info("run: %s", stage)
+        results[stage] = run_stage(stage, args)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, subs = build_parser()
     args = parser.parse_args(argv)
-    if args.stage == "run":
-        run_pipeline(args.config)
-        return
-    kw = {k: v for k, v in vars(args).items() if k not in ("stage", "out")}
-    run_stage(args.stage, args.out, **kw)
+    # Our own logs at --log-level; the libraries' (open_clip, faiss) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
+    try:
+        if args.stage == "run":
+            run_pipeline(args.config, args.out, subs)
+        else:
+            run_stage(args.stage, args)
+    except CurationError as e:
+        print(f"eve-curate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,67 +1,134 @@
-"""Stage 7, export: training manifests in the format train/ reads.
+"""Stage 7, export: training manifests in the format train/ reads, and where every item ended.
 
-train.jsonl: one sample a line, {"id", "image", "conversations": [human "<image>", gpt caption],
-"source", "width", "height"}; llava.json: the same as a LLaVA-style list; with --webdataset,
-the images and their JSON re-sharded into tar files (and a manifest pointing into them).
+- export/train.jsonl: one kept, captioned image a line: {"id": uid, "image": <absolute path, or
+  relative to export/ with --relative-paths; "x.tar#member" inside a tar>, "conversations":
+  [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}], "source",
+  "width", "height"} (train.config.DataSource(path=".../train.jsonl")).
+- export/llava.json: the same samples as one LLaVA-style JSON list (written streaming).
+- export/decisions.jsonl: every scanned item with its final status, stage and reason.
+- with --webdataset: export/webdataset/shard-*.tar holding <uid>.<ext> (the original bytes),
+  <uid>.json (the sample) and <uid>.txt (the caption), and train.jsonl pointing into them.
+  Finished tars are skipped on a re-run.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import json
+import os
 import tarfile
 from pathlib import Path
 
-from data_curation.decisions import final_decisions
-from data_curation.shards import read_jsonl, shards, write_json_atomic, write_jsonl_atomic
-from data_curation.sources import read_bytes
+from data_curation.decisions import PipelineState, iter_items
+from data_curation.progress import bar, stage_log
+from data_curation.shards import CurationError, StageDir, atomic_path, pause_for_tests, read_jsonl, shard_name
+from data_curation.sources import read_item_bytes
+
+log = stage_log("export")
+DECISION_FIELDS = ("uid", "source", "key", "ref", "status", "stage", "reason", "detail", "cluster", "sim")
 
 
-def export_stage(out: Path, webdataset: bool = False, per_tar: int = 1000, llava_json: bool = True) -> dict:
-    """Streams the kept items; only the captions (one string per kept item) are held in memory.
-    llava.json is a single JSON list by its format: leave it out at scale with llava_json=False."""
-    captions = {r["uid"]: r["caption"] for f in shards(out / "caption") for r in read_jsonl(f)}
-    dst = out / "export"
-    counts = {"exported": 0, "kept_without_caption": 0}
+def sample_of(item: dict, image: str) -> dict:
+    return {"id": item["uid"], "image": image,
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": item["caption"]}],
+            "source": item["source"], "width": item["width"], "height": item["height"]}
 
-    def samples():
-        for item in final_decisions(out):
-            if item["status"] != "kept":
-                continue
-            if item["uid"] not in captions:
-                counts["kept_without_caption"] += 1
-                continue
-            counts["exported"] += 1
-            yield {"id": item["uid"], "image": item["ref"],
-                   "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": captions[item["uid"]]}],
-                   "source": item["source"], "width": item["width"], "height": item["height"]}
 
-    rows = _reshard(samples(), dst, per_tar) if webdataset else samples()
-    write_jsonl_atomic(dst / "train.jsonl", rows)
+def _image_path(item: dict, manifest_dir: Path, relative: bool) -> str:
+    ref = item["ref"]
+    if not relative:
+        return ref
+    path, sep, member = ref.partition("#")
+    return os.path.relpath(path, manifest_dir) + sep + member
+
+
+def _extension(item: dict) -> str:
+    suffix = Path(item["ref"].rsplit("#", 1)[-1]).suffix.lower().lstrip(".")
+    return suffix or "jpg"
+
+
+class TarSharder:
+    """Re-shards samples into webdataset tars of `per_tar` samples, each written through a
+    temporary file and renamed when full (memory: one image); tars that exist are finished and
+    are not rewritten."""
+
+    def __init__(self, folder: Path, per_tar: int):
+        self.folder, self.per_tar = folder, per_tar
+        self.count = 0
+        self.current: tuple[tarfile.TarFile, Path, Path] | None = None  # (tar, temporary, final)
+
+    def add(self, item: dict) -> str:
+        """Adds the item's image (unless its tar is finished); returns its ref for the manifest."""
+        name = f"{shard_name(self.count // self.per_tar)}.tar"
+        if self.count % self.per_tar == 0:
+            self.close()
+            final = self.folder / name
+            if not final.exists():
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(f".{name}.{os.getpid()}.tmp")
+                self.current = (tarfile.open(tmp, "w"), tmp, final)
+        self.count += 1
+        member = f"{item['uid']}.{_extension(item)}"
+        if self.current is not None:
+            sample = sample_of(item, member)
+            for mname, payload in ((member, read_item_bytes(item)), (f"{item['uid']}.json", json.dumps(sample).encode()),
+                                   (f"{item['uid']}.txt", item["caption"].encode())):
+                info = tarfile.TarInfo(mname)
+                info.size = len(payload)
+                self.current[0].addfile(info, io.BytesIO(payload))
+        return f"{self.folder.name}/{name}#{member}"
+
+    def close(self) -> None:
+        if self.current is not None:
+            tar, tmp, final = self.current
+            tar.close()
+            os.replace(tmp, final)
+            self.current = None
+            pause_for_tests()
+
+
+def export_stage(out: Path, webdataset: bool = False, per_tar: int = 1000, relative_paths: bool = False,
+                 llava_json: bool = True) -> dict:
+    caption, stage = StageDir(out, "caption"), StageDir(out, "export")
+    caption.require_complete("export (every exported image needs a caption)")
+    if per_tar < 1:
+        raise CurationError("--per-tar must be >= 1")
+    stage.claim({"webdataset": webdataset, "per_tar": per_tar, "relative_paths": relative_paths, "llava_json": llava_json},
+                upstream=[caption])
+    if stage.complete:
+        log.info("already finished")
+        return stage.done_info()
+    stage.remove_partial()
+    state = PipelineState.of(out)
+    sharder = TarSharder(stage.path / "webdataset", per_tar) if webdataset else None
+    counts = {"items": 0, "samples": 0}
+    with atomic_path(stage.path / "train.jsonl") as train_tmp, atomic_path(stage.path / "decisions.jsonl") as dec_tmp, \
+            open(train_tmp, "w") as train, open(dec_tmp, "w") as decisions, \
+            bar(sum(state.shard_sizes), "export", "img") as progress:
+        for item in iter_items(out, state=state):
+            counts["items"] += 1
+            decisions.write(json.dumps({k: item[k] for k in DECISION_FIELDS if k in item}, ensure_ascii=False) + "\n")
+            if item["status"] == "kept":
+                image = sharder.add(item) if sharder else _image_path(item, stage.path, relative_paths)
+                train.write(json.dumps(sample_of(item, image), ensure_ascii=False) + "\n")
+                counts["samples"] += 1
+            progress.update(1)
+        if sharder:
+            sharder.close()
     if llava_json:
-        write_json_atomic(dst / "llava.json", list(read_jsonl(dst / "train.jsonl")))
+        _write_json_list(stage.path / "llava.json", read_jsonl(stage.path / "train.jsonl"))
+    if webdataset:
+        counts["tars"] = -(-counts["samples"] // per_tar)
+    stage.mark_complete(counts)
+    log.info("wrote %d samples to %s%s, and the decision for all %d items to %s", counts["samples"], stage.path / "train.jsonl",
+             " (+ llava.json)" if llava_json else "", counts["items"], stage.path / "decisions.jsonl")
     return counts
 
 
-def _reshard(samples, dst: Path, per_tar: int):
-    """Write images + JSON into tar shards; yields the samples pointing into them (shard.tar#key)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for index in itertools.count():
-        chunk = list(itertools.islice(samples, per_tar))
-        if not chunk:
-            return
-        name = f"shard-{index:05d}.tar"
-        tmp = dst / (name + ".tmp")
-        out = []
-        with tarfile.open(tmp, "w") as tar:
-            for s in chunk:
-                data = read_bytes(s["image"])
-                ext = Path(s["image"].split("#")[-1]).suffix or ".jpg"
-                for member, payload in ((f"{s['id']}{ext}", data), (f"{s['id']}.json", json.dumps(s).encode())):
-                    info = tarfile.TarInfo(member)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-                out.append({**s, "image": f"{name}#{s['id']}{ext}"})
-        tmp.replace(dst / name)
-        yield from out
+def _write_json_list(path: Path, rows) -> None:
+    """A JSON list written row by row (the LLaVA format is one list; memory stays one row)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write("[")
+        for i, row in enumerate(rows):
+            f.write(("\n" if i == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
+        f.write("\n]\n")

@@ -1,45 +1,93 @@
-"""Resumable sharded work: a shard is done exactly when its output file exists.
+"""Resumable sharded work: a shard is done exactly when its final file exists.
 
-Every stage writes each shard to a temporary file and renames it into place (atomic on POSIX),
-so `kill -9` at any point leaves finished shards whole and unfinished ones absent: a re-run
-skips the former and redoes the latter, losing and duplicating nothing.
+Every stage writes each shard to a hidden temporary file beside its final name and renames it
+into place (`os.replace`, atomic on POSIX), so `kill -9` at any point leaves finished shards
+whole and unfinished ones absent: a re-run skips the former and redoes the latter, losing and
+duplicating nothing. Shard i of every stage derives from scan shard i, so stages join per shard
+and memory stays bounded by a shard.
+
+A stage folder also holds `settings.json` (what the stage was asked to do, with a fingerprint of
+the stage it read from): re-running with other settings is refused instead of mixing shards made
+two ways. `done.json` marks a finished stage and holds its counts. A lock file keeps two runs
+from writing the same shards at once (it is released by the kernel when a process dies).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+log = logging.getLogger("eve-curate")
+
+# Seconds to sleep after each finished shard: lets tests kill a run mid-way reliably.
+SHARD_DELAY_ENV = "EVE_CURATE_SHARD_DELAY"
+_TMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.tmp(-journal)?$")
+_SHARD_RE = re.compile(r"shard-(\d+)")
+
+
+class CurationError(RuntimeError):
+    """A problem the user has to act on (wrong order of stages, changed settings, bad input)."""
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+def shard_index(name: str) -> int | None:
+    m = _SHARD_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it only when the block finishes; on an
+    exception nothing is left behind, on `kill -9` a hidden `.name.PID.tmp` that the next run
+    removes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
+    """Streams `rows` into `path` (one JSON object a line); returns how many were written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def write_json_atomic(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
-def save_npy_atomic(path: Path, array) -> None:
-    import numpy as np
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -49,19 +97,172 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: {e}") from e
+                    raise CurationError(f"{path}:{n}: not JSON: {e}") from e
 
 
-def shards(folder: Path, suffix: str = ".jsonl") -> list[Path]:
-    """The finished shard files of a stage, in order."""
-    return sorted(folder.glob(f"shard-*{suffix}")) if folder.exists() else []
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CurationError(f"{path}: not JSON: {e}") from e
 
 
-def remove_partial(folder: Path) -> int:
-    """Delete temporary files a killed run left behind (one writer per output folder)."""
-    if not folder.exists():
-        return 0
-    stale = [p for p in folder.rglob("*.tmp*") if p.is_file()]
-    for p in stale:
-        p.unlink()
-    return len(stale)
+def pause_for_tests() -> None:
+    delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+@dataclass(frozen=True)
+class Part:
+    """`--part I/N`: this process does the shards whose index is I modulo N, so N processes (one
+    per GPU or node) share a stage; a run without --part (0/1) does all of them."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "Part":
+        if not spec:
+            return cls()
+        try:
+            i, n = (int(v) for v in spec.split("/"))
+        except ValueError:
+            raise CurationError(f"--part {spec!r}: expected I/N, e.g. 0/4") from None
+        if not 0 <= i < n:
+            raise CurationError(f"--part {spec!r}: need 0 <= I < N")
+        return cls(i, n)
+
+    @property
+    def whole(self) -> bool:
+        return self.count == 1
+
+    def owns(self, index: int) -> bool:
+        return index % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+class StageDir:
+    """One stage's folder under the curation output: settings, shards, completion marker."""
+
+    def __init__(self, out: Path, name: str):
+        self.out, self.name = Path(out), name
+        self.path = self.out / name
+
+    def shard(self, index: int, suffix: str) -> Path:
+        return self.path / f"{shard_name(index)}{suffix}"
+
+    # settings -------------------------------------------------------------------------------
+    @property
+    def settings_path(self) -> Path:
+        return self.path / "settings.json"
+
+    @property
+    def started(self) -> bool:
+        return self.settings_path.exists()
+
+    def settings(self) -> dict:
+        return read_json(self.settings_path) if self.started else {}
+
+    def fingerprint(self) -> str:
+        """Changes whenever this stage or any stage before it is redone with other settings."""
+        return hashlib.sha1(self.settings_path.read_bytes()).hexdigest()[:16] if self.started else "none"
+
+    def claim(self, settings: dict, upstream: list["StageDir"]) -> None:
+        """Record what this stage does; refuse when earlier shards were made with other settings
+        or from another version of the stage they read."""
+        wanted = {"settings": settings, "upstream": {u.name: u.fingerprint() for u in upstream}}
+        wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as they read back
+        if self.started:
+            have = self.settings()
+            if have != wanted:
+                diff = _differences(have, wanted)
+                raise CurationError(
+                    f"{self.path} was made with other settings ({'; '.join(diff)}). Use another --out, or delete "
+                    f"{self.path} and the stages after it to redo them."
+                )
+            return
+        write_json_atomic(self.settings_path, wanted)
+
+    # completion ----------------------------------------------------------------------------
+    @property
+    def done_path(self) -> Path:
+        return self.path / "done.json"
+
+    @property
+    def complete(self) -> bool:
+        return self.done_path.exists()
+
+    def done_info(self) -> dict:
+        return read_json(self.done_path) if self.complete else {}
+
+    def mark_complete(self, info: dict) -> None:
+        write_json_atomic(self.done_path, info)
+
+    def require_complete(self, needed_by: str) -> None:
+        if not self.complete:
+            raise CurationError(
+                f"{needed_by} needs the {self.name} stage to be finished in {self.out}: run "
+                f"`eve-curate {self.name} --out {self.out}` first (it resumes where it stopped)"
+            )
+
+    # interrupted runs ----------------------------------------------------------------------
+    def remove_partial(self, part: Part = Part()) -> int:
+        """Delete temporary files an interrupted run left (only this part's shards when split)."""
+        if not self.path.exists():
+            return 0
+        removed = 0
+        for p in self.path.rglob(".*.tmp*"):
+            m = _TMP_RE.match(p.name)
+            if not m or not p.is_file():
+                continue
+            index = shard_index(m.group("final"))
+            if part.whole or (index is not None and part.owns(index)):
+                p.unlink()
+                removed += 1
+        if removed:
+            log.info("%s: removed %d temporary file(s) of an interrupted run", self.name, removed)
+        return removed
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, stage: str, part: Part = Part()) -> Iterator[None]:
+    """One writer per stage (or per part of a split stage). A run without --part excludes every
+    other run on the same output; runs of different parts of one stage may run side by side."""
+    out.mkdir(parents=True, exist_ok=True)
+    handles = []
+    try:
+        handles.append(_flock(out / ".eve-curate.lock", exclusive=part.whole, what=f"{stage} on {out}"))
+        if not part.whole:
+            (out / stage).mkdir(exist_ok=True)
+            lock = out / stage / f".lock-part-{part.index}-of-{part.count}"
+            handles.append(_flock(lock, exclusive=True, what=f"{stage} part {part} on {out}"))
+        yield
+    finally:
+        for h in reversed(handles):
+            h.close()  # closing the descriptor releases the lock
+
+
+def _flock(path: Path, exclusive: bool, what: str):
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise CurationError(f"another eve-curate is running {what} (lock {path}); wait for it or stop it") from None
+        raise
+    return handle
+
+
+def _differences(have: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(have) | set(wanted)):
+        a, b = have.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: was {a!r}, now {b!r}")
+    return out

@@ -1,74 +1,31 @@
-"""eve-curate end to end on generated images: every stage, the bad-image zoo, counts that add up,
-selection against brute force, kill -9 resume, captioning with an EVE checkpoint."""
+"""eve-curate end to end on generated images: every stage through `run --config`, folder / tar /
+parquet sources, the bad-image zoo, counts that add up, selection against brute force, the
+manifests train/ reads, captions merged from files and written by an EVE checkpoint, split
+runs, refused settings changes and concurrent runs."""
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+import yaml
+from curation_data import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, make_sources, make_tiny_llava, noise, write_captions_file
 
+from data_curation.captioning import caption_stage
 from data_curation.cli import main as curate
-from data_curation.selection import assign, top_n_per_cluster
+from data_curation.decisions import iter_items
+from data_curation.shards import CurationError, Part, StageDir, read_jsonl, run_lock
+from data_curation.sources import Input, header_size, list_items, read_item_bytes
 from eve.testing import make_tiny_open_clip
 from train.config import DataSource
-from train.data import Manifest
+from train.data import ImageStore, Manifest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_sources(root: Path, n: int = 120) -> dict[str, Path]:
-    rng = np.random.default_rng(0)
-    laion, sa = root / "laion", root / "sa"
-    laion.mkdir(parents=True)
-    sa.mkdir()
-    for i in range(n):
-        w, h = [(64, 48), (48, 64), (40, 40), (20, 60), (200, 40)][i % 5]
-        colour = rng.integers(0, 255, 3)
-        Image.fromarray(np.tile(colour, (h, w, 1)).astype(np.uint8)).save(laion / f"{i:04d}.png")
-    # the bad-image zoo, all in the clustered source
-    (laion / "zero.jpg").write_bytes(b"")
-    (laion / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 20)
-    (laion / "truncated.png").write_bytes(_png(Image.new("RGB", (64, 64), "red"))[:60])
-    Image.new("CMYK", (64, 64), (0, 255, 0, 0)).save(laion / "cmyk.jpg")
-    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).save(laion / "deep16.png")
-    Image.new("P", (64, 64)).save(laion / "palette.png")
-    frames = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
-    frames[0].save(laion / "animated.gif", save_all=True, append_images=frames[1:])
-    Image.new("L", (3000, 3000)).save(laion / "bomb.png")  # rejected by --max-pixels
-    (laion / "dup.png").write_bytes((laion / "0000.png").read_bytes())  # an exact duplicate
-    for i in range(8):
-        Image.new("RGB", (64, 64), (i * 30, 10, 10)).save(sa / f"{i}.png")
-    with tarfile.open(root / "openimages.tar", "w") as tar:
-        for i in range(6):
-            data = _png(Image.new("RGB", (48, 48), (10, i * 40, 10)))
-            info = tarfile.TarInfo(f"{i:03d}.png")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    pq_dir = root / "parquet"
-    pq_dir.mkdir()
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for i in range(4):
-        Image.new("RGB", (50, 40), (10, 10, i * 60)).save(pq_dir / f"k{i}.jpg")
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(4)], "caption": ["x"] * 4}), pq_dir / "part-0.parquet")
-    return {"laion": laion, "sa": sa, "openimages": root / "openimages.tar", "web": pq_dir / "part-0.parquet"}
+K, PER_CLUSTER = 4, 8
+UNCAPTIONED = {"batch0/sa_0.jpg", "batch0/sa_1.jpg"}  # keys left out of the captions file
 
 
 @pytest.fixture(scope="module")
@@ -76,118 +33,274 @@ def clip_dir(tmp_path_factory):
     return make_tiny_open_clip(tmp_path_factory.mktemp("clip32"), image_size=32, patch_size=8)
 
 
-def pipeline_config(root: Path, sources: dict, clip_dir: Path, out: Path) -> dict:
-    return {
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory, clip_dir):
+    """The whole pipeline once, from a YAML config: (out, sources, expected filter outcomes)."""
+    root = tmp_path_factory.mktemp("curation")
+    sources, expected = make_sources(root / "src")
+    write_captions_file(root / "captions.jsonl", sources, UNCAPTIONED)
+    out = root / "out"
+    config = {
         "out": str(out),
         "scan": {"input": [f"{k}={v}" for k, v in sources.items()], "shard_size": 16},
-        "filter": {"min_side": 32, "max_aspect": 4.0, "dedup": True, "max_pixels": 4_000_000},
-        "embed": {"model": str(clip_dir), "sources": ["laion"], "batch_size": 8},
-        "cluster": {"k": 6, "niter": 10, "seed": 0},
-        "select": {"per_cluster": 10},
+        "filter": {"min_side": MIN_SIDE, "max_aspect": MAX_ASPECT, "dedup": True, "max_pixels": MAX_PIXELS, "workers": 2},
+        "embed": {"model": str(clip_dir), "sources": ["laion"], "batch_size": 8, "workers": 0},
+        "cluster": {"k": K, "niter": 10, "seed": 0},
+        "select": {"per_cluster": PER_CLUSTER, "merge_budget": 5},  # a tiny budget: many prunes
+        "caption": {"captions_file": str(root / "captions.jsonl")},
+        "export": {"webdataset": True, "per_tar": 10},
     }
+    (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    assert curate(["run", "--config", str(root / "pipeline.yaml")]) == 0
+    return out, sources, expected
 
 
-def test_pipeline_end_to_end_and_counts_add_up(tmp_path, clip_dir):
-    sources = make_sources(tmp_path / "src")
-    out = tmp_path / "out"
-    cfg = pipeline_config(tmp_path, sources, clip_dir, out)
-    path = tmp_path / "pipeline.json"
-    path.write_text(json.dumps(cfg))
-    curate(["run", "--config", str(path)])
-    from data_curation.decisions import final_decisions
-
-    kept = [it for it in final_decisions(out) if it["status"] == "kept"]
-    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"uid": it["uid"], "caption": "flat colour"}) + "\n" for it in kept))
-    curate(["caption", "--out", str(out), "--captions-file", str(tmp_path / "caps.jsonl")])
-    curate(["export", "--out", str(out)])
+def test_every_item_ends_in_one_place_and_counts_add_up(curated):
+    out, sources, expected = curated
     summary = json.loads((out / "summary.json").read_text())
-    final = summary["final"]
-    assert summary["counts_add_up"] and final["items"] == summary["scan"]["items"] == 120 + 9 + 8 + 6 + 4
-    reasons = final["rejected_by_reason"]
-    assert reasons["too_small"] == 24  # the 20x60 images
-    assert reasons["bad_aspect"] == 24  # 200x40
-    assert reasons["duplicate"] == 1 and reasons["empty"] == 1 and reasons["too_large"] == 1
-    assert reasons["decode_error"] == 2  # corrupt, truncated
-    assert reasons["cluster_rank"] == summary["select"]["rejected_cluster_rank"]
-    assert final["kept"] == 8 + 6 + 4 + summary["select"]["selected"]  # unclustered sources kept whole
-    assert summary["cluster"]["trained_points"] == summary["cluster"]["embeddings_sampled"]
-    assert (out / "cluster_sizes.png").exists()
-    manifest = Manifest(DataSource(str(out / "export" / "train.jsonl")))
-    assert len(manifest) == final["kept"]
-    assert manifest[0]["conversations"][1]["value"] == "flat colour"
-    assert json.loads((out / "export" / "llava.json").read_text())[0]["id"] == manifest[0]["id"]
+    final, stages = summary["final"], summary["stages"]
+    assert summary["counts_add_up"] and final["pending"] == 0
+    assert final["items"] == stages["scan"]["items"] == sum(expected.values()) == final["kept"] + final["rejected"]
+    assert list(stages) == ["scan", "filter", "embed", "cluster", "select", "caption", "export"]
+    # filter: the zoo and the sizes, per reason
+    want = Counter()
+    for (source, reason), n in expected.items():
+        if reason:
+            want[reason] += n
+    assert stages["filter"]["rejected_by_reason"] == dict(want)
+    assert stages["filter"]["kept"] == sum(n for (s, r), n in expected.items() if r is None)
+    # only laion is clustered; the other sources go straight to captioning
+    laion_passed = expected[("laion", None)]
+    assert stages["embed"]["in"] == stages["select"]["in"] == laion_passed
+    sel = stages["select"]
+    assert sel["selected"] + sel["rejected_cluster_rank"] == laion_passed
+    assert final["kept_by_source"]["laion"] == sel["selected"] <= K * PER_CLUSTER
+    assert stages["caption"]["rejected_by_reason"] == {"no_caption": 2}
+    assert final["rejected_by_reason"] == {**want, "cluster_rank": sel["rejected_cluster_rank"], "no_caption": 2}
+    assert final["kept_by_source"]["sa"] == 6 - 2 and final["kept_by_source"]["web"] == 6
+    assert stages["export"]["samples"] == final["kept"]
+    assert stages["cluster"]["trained_points"] == laion_passed and not stages["cluster"]["faiss_subsampled"]
+    # decisions.jsonl: every scanned uid exactly once, with a reason when rejected
+    decisions = list(read_jsonl(out / "export" / "decisions.jsonl"))
+    scanned = [r["uid"] for i in range(stages["scan"]["shards"]) for r in read_jsonl(StageDir(out, "scan").shard(i, ".jsonl"))]
+    assert sorted(d["uid"] for d in decisions) == sorted(scanned) and len(set(scanned)) == len(scanned)
+    assert all(d["status"] == "kept" or (d["status"] == "rejected" and d["reason"] and d["stage"]) for d in decisions)
+    assert (out / "cluster_sizes.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_selection_matches_brute_force():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(500, 16)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    c = rng.normal(size=(7, 16)).astype(np.float32)
-    c /= np.linalg.norm(c, axis=1, keepdims=True)
-    ids, sims = assign(x, c, chunk=64)
-    ref = x @ c.T
-    assert np.array_equal(ids, ref.argmax(1)) and np.allclose(sims, ref.max(1), atol=1e-5)
-    uids = np.asarray([f"u{i:04d}" for i in range(500)])
-    kept = set(uids[top_n_per_cluster(ids, sims, uids, 20)])
+def test_bad_image_zoo_reasons(curated):
+    out, _, _ = curated
+    by_key = {it["key"]: it for it in iter_items(out) if it["source"] == "laion"}
+    for key, reason in {"zero.jpg": "empty", "corrupt.jpg": "decode_error", "truncated.png": "decode_error",
+                        "notimage.png": "decode_error", "bomb.png": "too_large", "thin_header.png": "too_small",
+                        "zz_dup.png": "duplicate", "0003.png": "too_small", "0004.png": "bad_aspect"}.items():
+        assert (by_key[key]["status"], by_key[key]["reason"]) == ("rejected", reason), key
+        assert by_key[key]["stage"] == "filter"
+    for key in ("cmyk.jpg", "deep16.png", "palette.png", "alpha.png", "animated.gif", "rotated.jpg"):
+        assert by_key[key]["status"] in ("kept", "rejected") and by_key[key].get("stage") in (None, "select"), key
+    assert (by_key["rotated.jpg"]["width"], by_key["rotated.jpg"]["height"]) == (40, 60)  # EXIF orientation applied
+
+
+def test_scan_sources_keys_sizes_and_stable_uids(curated, tmp_path):
+    out, sources, _ = curated
+    items = {(it["source"], it["key"]): it for it in iter_items(out)}
+    web = {k: it for (s, k), it in items.items() if s == "web"}
+    assert sorted(web) == ["00000.parquet:k0", "00000.parquet:k1", "00000.parquet:k2", "00000.parquet:k3",
+                           "00000.tar#extra.jpg", "00001.parquet:f0", "00001.parquet:f1"]
+    assert web["00000.parquet:k0"]["meta"] == {"caption": "a", "url": "http://x/0"}
+    assert web["00000.parquet:k3"]["reason"] == "missing" and "HTTP 404" in web["00000.parquet:k3"]["detail"]
+    assert web["00000.parquet:k0"]["ref"].endswith("00000.tar#k0.jpg")
+    assert {k for (s, k) in items if s == "openimages"} == {f"openimages.tar#{i:03d}.png" for i in range(6)}
+    assert ("sa", "sa/batch0/sa_0.jpg") not in items and ("sa", "batch0/sa_0.jpg") in items
+    lone = [it["key"] for it in list_items(Input("web", sources["web"] / "00000.parquet"))]  # a parquet given alone
+    assert lone == ["00000.parquet:k0", "00000.parquet:k1", "00000.parquet:k2", "00000.parquet:k3", "00000.tar#extra.jpg"]
+    # a tar member is read with one seek and is the same bytes the tar holds
+    member = items[("openimages", "openimages.tar#002.png")]
+    with tarfile.open(sources["openimages"]) as tar:
+        assert read_item_bytes(member) == tar.extractfile("002.png").read()
+    assert header_size(member) == (48, 48)
+    # uids hash source + key: a second scan elsewhere gives the same ones
+    assert curate(["scan", "--out", str(tmp_path / "again"), "--shard-size", "7",
+                   *[a for k, v in sources.items() for a in ("--input", f"{k}={v}")]]) == 0
+    again = {it["uid"] for i in range(20) if StageDir(tmp_path / "again", "scan").shard(i, ".jsonl").exists()
+             for it in read_jsonl(StageDir(tmp_path / "again", "scan").shard(i, ".jsonl"))}
+    assert again == {it["uid"] for it in items.values()}
+
+
+def test_selection_equals_brute_force_given_the_centroids(curated):
+    out, _, _ = curated
+    x = np.concatenate([np.load(StageDir(out, "embed").shard(i, ".npy")) for i in range(StageDir(out, "scan").done_info()["shards"])])
+    uids = [u for i in range(StageDir(out, "scan").done_info()["shards"])
+            for u in json.loads(StageDir(out, "embed").shard(i, ".json").read_text())["uids"]]
+    centroids = np.load(out / "cluster" / "centroids.npy")
+    sims = x.astype(np.float64) @ centroids.T.astype(np.float64)
+    cluster, best = sims.argmax(1), sims.max(1)
     brute = set()
-    for k in range(7):
-        members = np.flatnonzero(ref.argmax(1) == k)
-        brute |= set(uids[members[np.argsort(-ref[members, k], kind="stable")][:20]])
+    for c in range(K):
+        members = np.flatnonzero(cluster == c)
+        order = members[np.lexsort((members, -best[members]))]
+        brute |= {uids[i] for i in order[:PER_CLUSTER]}
+    kept = {it["uid"] for it in iter_items(out, until="select") if it["source"] == "laion" and it["status"] == "kept"}
     assert kept == brute
+    sizes = np.load(out / "select" / "cluster_sizes.npy")
+    assert sizes.tolist() == np.bincount(cluster, minlength=K).tolist()
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1"}
+def test_manifests_are_what_train_reads(curated):
+    out, _, _ = curated
+    manifest = Manifest(DataSource(str(out / "export" / "train.jsonl")))
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(manifest) == summary["final"]["kept"]
+    store = ImageStore()
+    for i in range(len(manifest)):
+        rec = manifest[i]
+        assert rec["image"].startswith("webdataset/shard-") and rec["conversations"][0] == {"from": "human", "value": "<image>"}
+        img = store.read(rec["image"], manifest.image_root)
+        assert (img.width, img.height) == (rec["width"], rec["height"]) and img.mode == "RGB"
+        assert rec["conversations"][1]["value"] == f"a {rec['source']} picture"
+    llava = json.loads((out / "export" / "llava.json").read_text())
+    assert [r["id"] for r in llava] == [manifest[i]["id"] for i in range(len(manifest))]
+    with tarfile.open(out / "export" / "webdataset" / "shard-00000.tar") as tar:
+        names = tar.getnames()
+    uid = manifest[0]["id"]
+    assert {f"{uid}.json", f"{uid}.txt"} <= set(names)
+    first = next(read_jsonl(StageDir(out, "caption").shard(0, ".jsonl")))
+    assert first["captioner"] == {"file": str((out.parent / "captions.jsonl").resolve()), "model": "annotator-v0"}
 
 
-def test_kill_9_during_embed_then_rerun(tmp_path, clip_dir):
-    sources = {"laion": make_sources(tmp_path / "src", n=300)["laion"]}
-    outs = {}
-    for name in ("straight", "killed"):
-        out = tmp_path / name
-        curate(["scan", "--out", str(out), "--input", f"laion={sources['laion']}", "--shard-size", "8"])
-        curate(["filter", "--out", str(out), "--min-side", "32", "--max-pixels", "4000000"])
-        outs[name] = out
-    cmd = [sys.executable, "-m", "data_curation.cli", "embed", "--out", str(outs["killed"]), "--model", str(clip_dir), "--batch-size", "1"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((outs["killed"] / "embed").glob("shard-*.json"))) < 2 and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    total = len(list((outs["killed"] / "filter").glob("shard-*.jsonl")))
-    done = len(list((outs["killed"] / "embed").glob("shard-*.json")))
-    assert 1 <= done < total, "the run should have been killed mid-way"
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True, cwd=REPO, timeout=600)
-    curate(["embed", "--out", str(outs["straight"]), "--model", str(clip_dir), "--batch-size", "1"])
-    for meta in sorted((outs["straight"] / "embed").glob("shard-*.json")):
-        other = outs["killed"] / "embed" / meta.name
-        assert json.loads(meta.read_text())["uids"] == json.loads(other.read_text())["uids"]
-        np.testing.assert_allclose(np.load(meta.with_suffix(".npy")), np.load(other.with_suffix(".npy")), atol=1e-5)
-    assert not list((outs["killed"] / "embed").glob("*.tmp*"))
+def test_rerun_is_a_no_op_and_changed_settings_are_refused(curated, capsys):
+    out, _, _ = curated
+    before = (out / "export" / "train.jsonl").read_bytes()
+    assert curate(["filter", "--out", str(out), "--min-side", str(MIN_SIDE), "--max-aspect", str(MAX_ASPECT), "--dedup",
+                   "--max-pixels", str(MAX_PIXELS)]) == 0
+    assert curate(["filter", "--out", str(out), "--min-side", "448"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "min_side: was 32, now 448" in err
+    assert (out / "export" / "train.jsonl").read_bytes() == before
+    with run_lock(out, "select"):  # another run holds the folder
+        assert curate(["select", "--out", str(out), "--per-cluster", str(PER_CLUSTER)]) == 2
+    assert "another eve-curate is running" in capsys.readouterr().err
 
 
-def test_caption_with_an_eve_checkpoint(tmp_path, clip_dir, built):
+def test_cluster_reports_faiss_subsampling(curated):
+    from data_curation.clustering import sample_embeddings, train_kmeans
+    from data_curation.embedding import embedding_shards
+
+    out, _, _ = curated
+    x, total = sample_embeddings(embedding_shards(out, "test"), sample=10**6, seed=0)
+    assert len(x) == total
+    _, info = train_kmeans(x, k=2, niter=5, seed=0, max_points_per_centroid=10)
+    assert info["points_given"] == total and info["trained_points"] == 20 and info["faiss_subsampled"]
+    x, _ = sample_embeddings(embedding_shards(out, "test"), sample=20, seed=0)
+    assert len(x) == 20
+
+
+def small_folder(root: Path, n: int = 5) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        noise(64, 48, 9000 + i).save(root / f"{i}.png")
+    return root
+
+
+def test_embed_split_in_parts_and_caption_merge_from_csv(tmp_path, clip_dir):
+    src = small_folder(tmp_path / "imgs", 9)
+    out = tmp_path / "out"
+    assert curate(["scan", "--out", str(out), "--input", f"laion={src}", "--shard-size", "2"]) == 0
+    assert curate(["filter", "--out", str(out), "--min-side", "32", "--workers", "0"]) == 0
+    embed = ["embed", "--out", str(out), "--model", str(clip_dir), "--workers", "0"]
+    assert curate([*embed, "--part", "1/2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert not StageDir(out, "embed").complete and summary["final"]["pending"] == 9 and summary["counts_add_up"]
+    assert summary["stages"]["embed"]["pending"] == 5  # shards 0, 2, 4 wait for the other part
+    assert summary["stages"]["embed"]["kept"] == 4  # shards 1, 3: embedded, waiting for selection
+    assert curate([*embed, "--part", "0/2"]) == 0
+    assert StageDir(out, "embed").complete
+    assert curate(["cluster", "--out", str(out), "--k", "2", "--niter", "3"]) == 0
+    assert curate(["select", "--out", str(out), "--per-cluster", "3", "--part", "0/2"]) == 0
+    assert curate(["select", "--out", str(out), "--per-cluster", "3"]) == 0
+    uids = [it["uid"] for it in iter_items(out) if it["status"] == "kept"]
+    selected = StageDir(out, "select").done_info()["selected"]
+    sizes = np.load(out / "select" / "cluster_sizes.npy")
+    assert len(uids) == selected == np.minimum(sizes, 3).sum() and sizes.sum() == 9
+    (tmp_path / "caps.csv").write_text("uid,caption,annotator\n" + "".join(f"{u},caption {i},bob\n" for i, u in enumerate(uids[1:])))
+    assert curate(["caption", "--out", str(out), "--captions-file", str(tmp_path / "caps.csv")]) == 0
+    assert curate(["export", "--out", str(out), "--relative-paths"]) == 0
+    rows = list(read_jsonl(out / "export" / "train.jsonl"))
+    assert len(rows) == selected - 1 and rows[0]["image"].startswith("../../imgs/")
+    assert Manifest(DataSource(str(out / "export" / "train.jsonl"))).image_root == out / "export"
+    ImageStore().read(rows[0]["image"], out / "export")
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert final["rejected_by_reason"] == {"cluster_rank": 9 - selected, "no_caption": 1}
+
+
+def test_caption_file_errors_name_the_line(tmp_path):
+    src = small_folder(tmp_path / "imgs", 2)
+    out = tmp_path / "out"
+    curate(["scan", "--out", str(out), "--input", f"sa={src}"])
+    curate(["filter", "--out", str(out), "--min-side", "32", "--workers", "0"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"uid": "a", "caption": "x"}\n{"uid": "a", "caption": "y"}\n')
+    with pytest.raises(CurationError, match=r"bad.jsonl:2: uid a already has a caption on line 1"):
+        caption_stage(out, captions_file=str(bad))
+
+
+def test_caption_with_an_eve_checkpoint(tmp_path, built):
     model, processor = built
     ckpt = tmp_path / "eve"
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)
-    src = tmp_path / "imgs"
-    src.mkdir()
-    for i in range(3):
-        Image.new("RGB", (64, 48), (i * 80, 0, 0)).save(src / f"{i}.png")
+    src = small_folder(tmp_path / "imgs", 3)
+    (src / "broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "out"
-    curate(["scan", "--out", str(out), "--input", f"sa={src}"])
-    curate(["filter", "--out", str(out), "--min-side", "32"])
-    curate(["caption", "--out", str(out), "--model", str(ckpt), "--max-new-tokens", "4"])
-    rows = [json.loads(line) for line in (out / "caption" / "shard-00000.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(r["model"] == str(ckpt) and "prompt" in r and r["max_new_tokens"] == 4 for r in rows)
+    assert curate(["scan", "--out", str(out), "--input", f"sa={src}"]) == 0
+    assert curate(["filter", "--out", str(out), "--min-side", "32", "--workers", "0"]) == 0
+    assert curate(["caption", "--out", str(out), "--model", str(ckpt), "--max-new-tokens", "4", "--batch-size", "2",
+                   "--prompt", "Describe the image briefly."]) == 0
+    rows = list(read_jsonl(StageDir(out, "caption").shard(0, ".jsonl")))
+    assert len(rows) == 3  # the broken image was rejected by the filter
+    for r in rows:
+        if r["status"] == "kept":
+            c = r["captioner"]
+            assert c["model"] == str(ckpt) and "<image>" in c["prompt"] and "Describe the image briefly." in c["prompt"]
+            assert c["generation"] == {"max_new_tokens": 4, "num_beams": 1, "do_sample": False}
+        else:  # a random tiny model may well say nothing
+            assert r["reason"] == "empty_caption"
+    assert json.loads((out / "summary.json").read_text())["counts_add_up"]
 
 
-def test_help_for_every_subcommand(capsys):
+def test_caption_with_a_generic_transformers_captioner(tmp_path):
+    ckpt = make_tiny_llava(tmp_path / "llava")
+    src = small_folder(tmp_path / "imgs", 3)
+    out = tmp_path / "out"
+    assert curate(["scan", "--out", str(out), "--input", f"web={src}"]) == 0
+    assert curate(["filter", "--out", str(out), "--min-side", "32", "--workers", "0"]) == 0
+    assert curate(["caption", "--out", str(out), "--model", str(ckpt), "--prompt", "<image> Describe.", "--max-new-tokens", "3",
+                   "--batch-size", "3"]) == 0
+    rows = list(read_jsonl(StageDir(out, "caption").shard(0, ".jsonl")))
+    assert len(rows) == 3 and all(r["status"] == "kept" or r["reason"] == "empty_caption" for r in rows)
+    kept = [r for r in rows if r["status"] == "kept"]
+    assert kept and kept[0]["captioner"]["prompt"] == "<image> Describe."
+
+
+def test_part_parsing_and_help_for_every_subcommand(capsys):
+    assert Part.parse("1/4").owns(5) and not Part.parse("1/4").owns(4) and Part.parse(None).whole
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(CurationError, match="--part"):
+            Part.parse(bad)
     for stage in ["scan", "filter", "embed", "cluster", "select", "caption", "export", "run"]:
         with pytest.raises(SystemExit) as e:
             curate([stage, "--help"])
         assert e.value.code == 0
         assert "--" in capsys.readouterr().out
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    cfg = tmp_path / "p.json"
+    cfg.write_text(json.dumps({"out": str(tmp_path / "o"), "filter": {"min_sid": 3}}))
+    assert curate(["run", "--config", str(cfg)]) == 2
+    assert "filter: unknown option 'min_sid'" in capsys.readouterr().err
+    cfg.write_text(json.dumps({"out": str(tmp_path / "o"), "filtr": {}}))
+    assert curate(["run", "--config", str(cfg)]) == 2
+    assert "unknown key(s) ['filtr']" in capsys.readouterr().err
+    assert curate(["filter", "--out", str(tmp_path / "o")]) == 2
+    assert "needs the scan stage to be finished" in capsys.readouterr().err
