@@ -126,6 +126,12 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
             # generate() does, so a batched forward equals each sample alone.
             if past_key_values is None or past_key_values.get_seq_length() == 0:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if use_cache is None and past_key_values is None and attention_mask is None and position_ids is not None:
+            # Packed rows (position_ids restarting per sample, no mask, see train/packing.py):
+            # transformers builds their block-diagonal mask only when no cache is passed, and the
+            # decoder would create one by default.
+            if position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+                use_cache = False
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -50,8 +50,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 4
     global_batch_size: int = 512
-    max_length: int = 2048
+    max_length: int = 2048  # applied after the visual tokens are spliced in (an image is never cut)
+    # Pack each micro-batch's samples into as few rows of <= max_length tokens as fit (train/packing.py):
+    # same samples per step (exact resume), position_ids restart per sample, no cross-sample attention.
+    packing: bool = False
     epochs: int = 1
+    total_steps: int | None = None  # the run's length and its schedule's, in optimizer steps (default: the epochs)
     max_steps: int | None = None  # stop early (debugging); the schedule still spans the epoch(s)
     # systems
     zero_stage: int = 2

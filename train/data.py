@@ -185,7 +185,16 @@ def collate(samples: list[Sample], pad_token_id: int) -> dict:
         n = len(s.input_ids)
         ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    with_images = [s for s in samples if s.pixels is not None]
+    add_images_and_meta(batch, samples, samples)
+    batch["meta"]["attn_len"] = longest  # attention cost per token: the padded row length
+    return batch
+
+
+def add_images_and_meta(batch: dict, in_row_order: list[Sample], samples: list[Sample]) -> dict:
+    """Add `pixel_values`, `image_sizes` (and `teacher_pixel_values`) of the samples with an
+    image, in the order their image tokens appear in the batch (`in_row_order`), and `meta`
+    (ids in the sampler's order, skipped / truncated counts, images, real tokens)."""
+    with_images = [s for s in in_row_order if s.pixels is not None]
     if with_images:
         arrays = [s.pixels for s in with_images]
         batch["pixel_values"] = torch.from_numpy(pad_images(arrays))
@@ -198,6 +207,7 @@ def collate(samples: list[Sample], pad_token_id: int) -> dict:
         "truncated_tokens": sum(s.truncated_tokens for s in samples),
         "truncated_samples": sum(s.truncated_tokens > 0 for s in samples),
         "images": len(with_images),
+        "tokens": sum(len(s.input_ids) for s in samples),  # real tokens, padding not counted
     }
     return batch
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from train.config import CONFIG_DIR, TrainConfig
 from train.data import EveDataset, ResumableSampler, collate
 from train.distributed import DistInfo, all_true, init_distributed, sum_across
 from train.metrics import MetricsLog, memory_gb, peak_flops, plot_losses
+from train.packing import collate_packed, wants_flat_batch
 from train.stages import parameter_groups
 
 log = logging.getLogger("eve.train")
@@ -107,7 +109,7 @@ def train(cfg: TrainConfig) -> Path:
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples make no full global batch of {cfg.global_batch_size}")
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = cfg.total_steps or steps_per_epoch * cfg.epochs  # the sampler reshuffles at each epoch's end
     optimizer = torch.optim.AdamW(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, max(1, round(cfg.warmup_ratio * total_steps))))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -123,9 +125,15 @@ def train(cfg: TrainConfig) -> Path:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics = MetricsLog(out, state["step"]) if dist.is_main else None
     sampler = ResumableSampler(len(dataset), cfg.seed, dist.rank, dist.world_size, state["samples_consumed"])
+    pad_id = processor.tokenizer.pad_token_id
+    if cfg.packing:  # the same micro_batch_size samples per micro-batch, packed into fewer rows
+        flatten = wants_flat_batch(model.language_model.config._attn_implementation)
+        collate_fn = partial(collate_packed, pad_token_id=pad_id, max_length=cfg.max_length, flatten=flatten)
+    else:
+        collate_fn = partial(collate, pad_token_id=pad_id)
     loader = DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        collate_fn=lambda s: collate(s, processor.tokenizer.pad_token_id), persistent_workers=cfg.num_workers > 0,
+        collate_fn=collate_fn, persistent_workers=cfg.num_workers > 0,
     )
     last = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     _loop(cfg, dist, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model)
@@ -162,8 +170,8 @@ def _loop(cfg, dist: DistInfo, engine, teacher, loader, state, last, total_steps
             for key in ("loss", "lm_loss", "pal_loss"):
                 window[key] += getattr(output, key).detach().item()
             window["micro"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["seq"] += batch["input_ids"].shape[1]
+            window["tokens"] += meta["tokens"]  # real tokens (padding not counted), packed or not
+            window["seq"] += meta["attn_len"]
             window["images"] += meta["images"]
             for _, reason in meta["skipped"]:
                 state["skipped"][reason] = state["skipped"].get(reason, 0) + 1
