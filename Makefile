@@ -12,7 +12,7 @@ $(STAMP): requirements.txt constraints.txt setup.cfg pyproject.toml scripts/setu
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/eve-smoke
+	$(VENV)/bin/eve-demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

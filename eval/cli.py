@@ -53,7 +53,9 @@ def cmd_run(args) -> None:
     records = run_items(model, processor, task, items, run_dir, args.batch_size, args.template, args.max_new_tokens)
     summary = summarize(task, records)
     if args.sweep:
-        summary["sweep"] = run_sweep(model, processor, task, items, run_dir, records, args.batch_size, args.template)["settings"]
+        resolutions = [int(r) for r in args.sweep_resolutions.split(",")]
+        summary["sweep"] = run_sweep(model, processor, task, items, run_dir, records, args.batch_size, args.template,
+                                     resolutions=resolutions)["settings"]
     write_summary(summary, run_dir)
     print(json.dumps(summary, indent=2))
     print(f"eve-eval: {task.name} on {len(records)} items -> {run_dir}")
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--limit", type=int, default=None, help="only the first N items")
     run.add_argument("--device", default=None)
     run.add_argument("--sweep", action="store_true", help="also run the aspect-ratio / resolution sweep")
+    run.add_argument("--sweep-resolutions", default="336,672", metavar="PX,PX",
+                     help="longest sides the sweep re-renders each image at (default 336,672)")
     run.set_defaults(fn=cmd_run)
     score = sub.add_parser("score", help="score a predictions JSONL (question_id, answer) with no model")
     score.add_argument("--task", required=True, choices=sorted(TASKS))

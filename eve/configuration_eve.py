@@ -1,7 +1,7 @@
 """EveConfig: the decoder's config plus the encoder-free vision front end and the PAL settings.
 
 Sizes and numbers follow SPEC section 1. Named flavors (`EveConfig.from_flavor`) give the
-paper's models and a tiny `debug` model for tests.
+paper's models, a tiny `debug` model for tests and the small `demo` model of eve-demo.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class EveConfig(PretrainedConfig):
 
     @classmethod
     def from_flavor(cls, name: str, **overrides) -> "EveConfig":
-        """A named configuration: one of `FLAVORS` (`debug`, `eve-7b`, `eve-7b-hd`)."""
+        """A named configuration: one of `FLAVORS` (`debug`, `demo`, `eve-7b`, `eve-7b-hd`)."""
         if name not in FLAVORS:
             raise KeyError(f"unknown EVE flavor {name!r}; known: {', '.join(sorted(FLAVORS))}")
         kwargs = FLAVORS[name]()
@@ -189,4 +189,13 @@ def _eve_7b_hd() -> dict:
     return {**_eve_7b(), "image_size": 1344}
 
 
-FLAVORS = {"debug": _debug, "eve-7b": _eve_7b, "eve-7b-hd": _eve_7b_hd}
+def _demo() -> dict:
+    """eve-demo's model: 64-px images in 4-px patches (an 8 x 8 pooled grid for a square image)
+    over a small Llama, aligned to a 32-px teacher with 4-px patches (scale 2, like EVE-7B)."""
+    text = {**_debug()["text_config"], "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+            "num_key_value_heads": 4, "max_position_embeddings": 512}
+    return dict(text_config=text, vision_hidden_size=64, patch_size=4, image_size=64, teacher_image_size=32,
+                teacher_patch_size=4, cross_attention_heads=4, pal_tap_every=2, teacher_hidden_size=64)
+
+
+FLAVORS = {"debug": _debug, "demo": _demo, "eve-7b": _eve_7b, "eve-7b-hd": _eve_7b_hd}

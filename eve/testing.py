@@ -24,9 +24,9 @@ TINY_CORPUS = [
 ]
 
 
-def make_tiny_tokenizer(vocab_size: int = 512):
+def make_tiny_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
     """A byte-level BPE tokenizer with Llama's special ids (<unk>=0, <s>=1, </s>=2) that adds
-    BOS like Llama's, trained on a few sentences."""
+    BOS like Llama's, trained on `corpus` (default: a few sentences)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +39,7 @@ def make_tiny_tokenizer(vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(corpus or TINY_CORPUS * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
@@ -84,13 +84,18 @@ def make_tiny_open_clip(path: str | Path, seed: int = 0, **cfg) -> Path:
     """Write a random tiny open_clip CLIP to `path` in open_clip's local-dir layout (an EVA-CLIP
     stand-in): open_clip_config.json + open_clip_model.safetensors."""
     import open_clip
+
+    model_cfg = tiny_open_clip_config(**cfg)
+    torch.manual_seed(seed)
+    return save_open_clip(open_clip.CLIP(**model_cfg), model_cfg, path)
+
+
+def save_open_clip(model: torch.nn.Module, model_cfg: dict, path: str | Path) -> Path:
+    """open_clip's local-dir layout, which `open_clip.create_model("local-dir:PATH")` reads."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model_cfg = tiny_open_clip_config(**cfg)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**model_cfg)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
     return path

@@ -1,0 +1,221 @@
+"""eve-demo's steps, in order, each done once: world -> stand-ins -> curation -> stages 1-3 -> eval
+-> report. A finished step leaves DIR/done/<step>.json; a re-run skips it. An interrupted step is
+resumed by the tool itself (eve-curate's shards, eve-train's checkpoints, eve-eval's records) or,
+for the short ones that write a folder, redone from a clean folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from demo.datasets import write_eval, write_pool, write_sft
+from demo.plan import DemoPlan
+
+log = logging.getLogger("eve-demo")
+STEPS = ("world", "decoder", "teacher", "curate", "stage1", "stage2", "stage3", "eval", "report")
+
+
+@dataclasses.dataclass
+class Demo:
+    out: Path
+    plan: DemoPlan
+    seed: int
+    quick: bool
+
+    def path(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def check_settings(self) -> None:
+        """A run folder belongs to one plan and seed: resuming with others would mix two runs."""
+        settings = {"seed": self.seed, "quick": self.quick, "plan": dataclasses.asdict(self.plan)}
+        path = self.path("demo.json")
+        if path.exists():
+            before = json.loads(path.read_text())
+            if before != json.loads(json.dumps(settings)):
+                raise SystemExit(f"eve-demo: {self.out} holds a run with other settings ({path}); use another --out or delete it")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(settings, indent=2))
+
+    def done(self, step: str) -> dict | None:
+        marker = self.path("done", f"{step}.json")
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def run(self) -> dict:
+        self.check_settings()
+        results = {}
+        for i, step in enumerate(STEPS, 1):
+            finished = self.done(step)
+            if finished is not None:
+                print(f"[{i}/{len(STEPS)}] {step}: done earlier ({finished['seconds']:.0f} s), skipped", flush=True)
+                results[step] = finished
+                continue
+            print(f"[{i}/{len(STEPS)}] {step}", flush=True)
+            start = time.time()
+            result = getattr(self, f"step_{step}")(results)
+            result["seconds"] = time.time() - start
+            marker = self.path("done", f"{step}.json")
+            marker.parent.mkdir(exist_ok=True)
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2))
+            tmp.replace(marker)  # atomic: a marker is never half-written
+            results[step] = result
+        return results
+
+    @contextlib.contextmanager
+    def quiet(self, name: str):
+        """A tool's own chatter (INFO logs, printed JSON) goes to DIR/logs/<name>.log; its progress
+        bars stay on the console."""
+        self.path("logs").mkdir(exist_ok=True)
+        with open(self.path("logs", f"{name}.log"), "a") as f, contextlib.redirect_stdout(f):
+            handler = logging.FileHandler(self.path("logs", f"{name}.log"))
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root = logging.getLogger()
+            saved = root.level, root.handlers[:]
+            root.handlers[:] = [handler]
+            root.setLevel(logging.INFO)
+            try:
+                yield
+            finally:
+                root.handlers[:] = saved[1]
+                root.setLevel(saved[0])
+                handler.close()
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def step_world(self, _) -> dict:
+        world = self.path("world")
+        shutil.rmtree(world, ignore_errors=True)  # short and not resumable: redo from clean
+        p, L = self.plan, self.plan.image_long_side
+        write_pool(world / "pool", p.pool_images, p.bad_images, self.seed, L)
+        write_sft(world / "sft", p.sft_images, self.seed, L)
+        for split in ("heldout", "unseen"):
+            write_eval(world / "eval" / split, split, p.eval_images, self.seed, L)
+        from demo.report import world_mosaic
+
+        world_mosaic(self.seed, L, self.path("world.png"))
+        return {"pool": p.pool_images + p.bad_images, "sft": p.sft_images, "eval_images_per_split": p.eval_images}
+
+    def step_decoder(self, _) -> dict:
+        from demo.stand_ins import make_decoder
+        from eve.configuration_eve import FLAVORS
+
+        out = self.path("stand_ins", "decoder")
+        shutil.rmtree(out, ignore_errors=True)
+        losses = make_decoder(out, FLAVORS["demo"]()["text_config"], self.plan.decoder_steps, self.seed)
+        return {"path": str(out), "losses": losses}
+
+    def step_teacher(self, _) -> dict:
+        from transformers import AutoTokenizer
+
+        from demo.stand_ins import make_teacher
+        from eve.configuration_eve import EveConfig
+        from eve.processing_eve import EveImageProcessor
+
+        out = self.path("stand_ins", "teacher")
+        shutil.rmtree(out, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(self.path("stand_ins", "decoder"))
+        image_processor = EveImageProcessor.from_config(EveConfig.from_flavor("demo"))
+        losses = make_teacher(out, tokenizer, image_processor, self.plan.pool_images, self.plan.teacher_steps, self.seed,
+                              self.plan.image_long_side)
+        return {"path": str(out), "losses": losses}
+
+    def step_curate(self, _) -> dict:
+        """eve-curate, stage by stage, exactly as on the command line."""
+        from data_curation.cli import main as curate
+        from demo.datasets import POOL_SOURCE
+
+        cur, pool, p = self.path("curation"), self.path("world", "pool"), self.plan
+        commands = [
+            ["scan", "--input", f"{POOL_SOURCE}={pool / 'images'}", "--shard-size", "500"],
+            ["filter", "--min-side", "48", "--max-aspect", "4", "--dedup", "--workers", "0"],
+            ["embed", "--model", str(self.path("stand_ins", "teacher")), "--batch-size", "128", "--workers", "0",
+             "--device", "cpu"],
+            ["cluster", "--k", str(p.clusters), "--niter", "20", "--seed", str(self.seed)],
+            ["select", "--per-cluster", str(p.per_cluster)],
+            ["caption", "--captions-file", str(pool / "pool_captions.jsonl")],
+            ["export", "--webdataset"],
+        ]
+        with self.quiet("curate"):
+            for argv in commands:
+                curate([argv[0], "--out", str(cur), *argv[1:]])
+        summary = json.loads((cur / "summary.json").read_text())
+        return {"summary": summary, "manifest": str(cur / "export" / "train.jsonl")}
+
+    def _stage_config(self, stage: int, results: dict) -> Path:
+        p = self.plan
+        steps = p.stage_steps[stage - 1]
+        common = dict(global_batch_size=p.batch_size, micro_batch_size=p.batch_size // 2, max_length=256, seed=self.seed,
+                      zero_stage=3 if stage == 2 else 2, gradient_checkpointing=False, num_workers=1,
+                      save_every=max(10, steps // 4), keep_last=2, log_every=5, total_steps=steps, warmup_ratio=0.05)
+        if stage in (1, 2):
+            data = [{"path": results["curate"]["manifest"]}]
+        else:
+            data = [{"path": str(self.path("world", "sft", "conversations.json"))}]
+        cfg = {
+            1: dict(init_from=str(self.path("stand_ins", "decoder")), init_is_decoder=True, flavor="demo",
+                    flavor_overrides={"teacher_model": str(self.path("stand_ins", "teacher"))},
+                    # The paper's 4e-4. At 2e-3 the image tokens grow to >10x the norm of the word
+                    # embeddings to make the frozen decoder listen, and stages 2-3 never learn colour.
+                    template="plain", lr_vision=4e-4, lr_decoder=0.0),
+            2: dict(init_from=str(self.path("stage1", "final")), template="plain", lr_vision=1e-3, lr_decoder=5e-4),
+            3: dict(init_from=str(self.path("stage2", "final")), template="vicuna_v1", lr_vision=5e-4, lr_decoder=5e-4),
+        }[stage]
+        cfg.update(common, stage=stage, output_dir=str(self.path(f"stage{stage}")), data=data)
+        path = self.path("configs", f"stage{stage}.json")
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(cfg, indent=2))
+        return path
+
+    def _train(self, stage: int, results: dict) -> dict:
+        from train.config import TrainConfig
+        from train.trainer import train
+
+        config = self._stage_config(stage, results)
+        with self.quiet(f"stage{stage}"):
+            final = train(TrainConfig.load(config))
+        metrics = [json.loads(line) for line in self.path(f"stage{stage}", "metrics.jsonl").read_text().splitlines() if line]
+        return {"config": str(config), "final": str(final), "metrics": metrics}
+
+    def step_stage1(self, results):
+        return self._train(1, results)
+
+    def step_stage2(self, results):
+        return self._train(2, results)
+
+    def step_stage3(self, results):
+        result = self._train(3, results)
+        final = self.path("final")
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(result["final"], final)
+        result["final"] = str(final)
+        return result
+
+    def step_eval(self, _) -> dict:
+        """eve-eval run on both splits (VQAv2 format, official VQA accuracy); the sweep on held-out."""
+        from eval.cli import main as evaluate
+
+        out = {}
+        for split in ("heldout", "unseen"):
+            files = self.path("world", "eval", split)
+            argv = ["run", "--model", str(self.path("final")), "--task", "vqav2", "--questions", str(files / "questions.json"),
+                    "--annotations", str(files / "annotations.json"), "--images", str(files / "images"),
+                    "--out", str(self.path("eval", split)), "--batch-size", "32", "--max-new-tokens", "5", "--device", "cpu"]
+            if split == "heldout":
+                argv += ["--sweep", "--sweep-resolutions", "32,64"]
+            with self.quiet(f"eval-{split}"):
+                evaluate(argv)
+            (run_dir,) = self.path("eval", split).glob("vqav2-*")
+            out[split] = {"run_dir": str(run_dir), "summary": json.loads((run_dir / "summary.json").read_text())}
+        return out
+
+    def step_report(self, results) -> dict:
+        from demo.report import write_report
+
+        return write_report(self, results)
