@@ -121,7 +121,7 @@ class Demo:
         out = self.path("stand_ins", "teacher")
         shutil.rmtree(out, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(self.path("stand_ins", "decoder"))
-        image_processor = EveImageProcessor.from_config(EveConfig.from_flavor("demo"))
+        image_processor = EveImageProcessor.from_config(EveConfig.from_flavor("demo", **self.plan.flavor_overrides))
         losses = make_teacher(out, tokenizer, image_processor, self.plan.pool_images, self.plan.teacher_steps, self.seed,
                               self.plan.image_long_side)
         return {"path": str(out), "losses": losses}
@@ -160,7 +160,7 @@ class Demo:
             data = [{"path": str(self.path("world", "sft", "conversations.json"))}]
         cfg = {
             1: dict(init_from=str(self.path("stand_ins", "decoder")), init_is_decoder=True, flavor="demo",
-                    flavor_overrides={"teacher_model": str(self.path("stand_ins", "teacher"))},
+                    flavor_overrides={**p.flavor_overrides, "teacher_model": str(self.path("stand_ins", "teacher"))},
                     # The paper's 4e-4. At 2e-3 the image tokens grow to >10x the norm of the word
                     # embeddings to make the frozen decoder listen, and stages 2-3 never learn colour.
                     template="plain", lr_vision=4e-4, lr_decoder=0.0),
@@ -208,7 +208,8 @@ class Demo:
                     "--annotations", str(files / "annotations.json"), "--images", str(files / "images"),
                     "--out", str(self.path("eval", split)), "--batch-size", "32", "--max-new-tokens", "5", "--device", "cpu"]
             if split == "heldout":
-                argv += ["--sweep", "--sweep-resolutions", "32,64"]
+                size = self.plan.model_image_size
+                argv += ["--sweep", "--sweep-resolutions", f"{size // 2},{size}"]
             with self.quiet(f"eval-{split}"):
                 evaluate(argv)
             (run_dir,) = self.path("eval", split).glob("vqav2-*")

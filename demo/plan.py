@@ -22,14 +22,19 @@ class DemoPlan:
     # EVE's three stages (optimizer steps at global batch `batch_size`)
     stage_steps: tuple[int, int, int]
     batch_size: int = 16
-    image_long_side: int = 128  # stored images; the model sees 64 px (the demo flavor)
+    image_long_side: int = 128  # stored images
+    model_image_size: int = 64  # longest side the model sees (the demo flavor's 64, or more); the teacher sees half
+
+    @property
+    def flavor_overrides(self) -> dict:
+        return {"image_size": self.model_image_size, "teacher_image_size": self.model_image_size // 2}
 
     def with_steps(self, steps: int | None) -> "DemoPlan":
         """`--steps N`: N optimizer steps for each of the three stages."""
         return self if steps is None else dataclasses.replace(self, stage_steps=(steps, steps, steps))
 
 
-FULL = DemoPlan(pool_images=4000, bad_images=40, sft_images=4000, eval_images=100, decoder_steps=300, teacher_steps=400,
-                clusters=32, per_cluster=100, stage_steps=(150, 500, 900))
+FULL = DemoPlan(pool_images=4000, bad_images=40, sft_images=4000, eval_images=100, decoder_steps=200, teacher_steps=300,
+                clusters=32, per_cluster=100, stage_steps=(150, 500, 900), model_image_size=96)
 QUICK = DemoPlan(pool_images=800, bad_images=8, sft_images=800, eval_images=24, decoder_steps=150, teacher_steps=150,
                  clusters=8, per_cluster=80, stage_steps=(30, 60, 300))

@@ -180,7 +180,8 @@ def write_report(demo, results: dict) -> dict:
         "",
         "## Aspect-ratio sweep (eve-eval --sweep)",
         "",
-        "The held-out images padded to aspect ratios from 1:4 to 4:1 and shrunk to 32 or 64 px on the long side.",
+        f"The held-out images padded to aspect ratios from 1:4 to 4:1 and shrunk to {demo.plan.model_image_size // 2} or "
+        f"{demo.plan.model_image_size} px on the long side (the model's input size).",
         "",
         f"![sweep]({sweep_png.relative_to(out)})",
         "",
