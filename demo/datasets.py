@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_curation.sources import make_uid
-from demo.world import SHORT_ANSWER, TRAIN_ASPECTS, UNSEEN_ASPECTS, render, sample_scene
+from demo.world import TRAIN_ASPECTS, UNSEEN_ASPECTS, render, sample_scene
+from eval.tasks.base import SHORT_ANSWER
 
 POOL_SOURCE = "shapes"  # the source name given to eve-curate scan
 QUESTION_TYPES = ("colour", "kind", "count")

@@ -75,7 +75,7 @@ class Demo:
         bars stay on the console."""
         self.path("logs").mkdir(exist_ok=True)
         with open(self.path("logs", f"{name}.log"), "a") as f, contextlib.redirect_stdout(f):
-            handler = logging.FileHandler(self.path("logs", f"{name}.log"))
+            handler = logging.StreamHandler(f)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             root = logging.getLogger()
             saved = root.level, root.handlers[:]
@@ -86,7 +86,6 @@ class Demo:
             finally:
                 root.handlers[:] = saved[1]
                 root.setLevel(saved[0])
-                handler.close()
 
     # ---- steps ---------------------------------------------------------------------------------
     def step_world(self, _) -> dict:

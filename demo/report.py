@@ -67,7 +67,6 @@ def _loss_plot(results: dict, path: Path) -> None:
 
 def breakdown(run_dir: str) -> dict:
     """Accuracy by native aspect ratio and by question type (question_id % 10), from predictions."""
-    annotations = {}
     rows = [json.loads(line) for line in (Path(run_dir) / "predictions.jsonl").read_text().splitlines() if line.strip()]
     by_aspect, by_type = defaultdict(list), defaultdict(list)
     for r in rows:
@@ -77,9 +76,8 @@ def breakdown(run_dir: str) -> dict:
         by_aspect[_aspect_name(w, h)].append(r["score"])
         by_type[QUESTION_TYPES[int(r["question_id"]) % 10]].append(r["score"])
     mean = lambda v: float(np.mean(v))  # noqa: E731
-    annotations["by_aspect"] = {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(by_aspect.items(), key=lambda kv: _ratio(kv[0]))}
-    annotations["by_type"] = {k: {"n": len(v), "accuracy": mean(v)} for k, v in by_type.items()}
-    return annotations
+    return {"by_aspect": {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(by_aspect.items(), key=lambda kv: _ratio(kv[0]))},
+            "by_type": {k: {"n": len(v), "accuracy": mean(v)} for k, v in by_type.items()}}
 
 
 def _aspect_name(w: int, h: int) -> str:

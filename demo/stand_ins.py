@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from demo.world import COLOURS, COUNT_WORDS, KINDS, TRAIN_ASPECTS, Scene, render, sample_scene
+from eval.tasks.base import SHORT_ANSWER
 from eve.templates import get_template
 from eve.testing import make_tiny_tokenizer, save_open_clip
 
@@ -38,7 +39,7 @@ def world_text(rng: np.random.Generator, n: int) -> list[str]:
             continue
         turns = []
         for _, question, answer in scene.questions(rng)[: 1 + i % 3]:
-            turns += [{"from": "human", "value": f"{question}\nAnswer the question using a single word or phrase."},
+            turns += [{"from": "human", "value": f"{question}\n{SHORT_ANSWER}"},
                       {"from": "gpt", "value": answer}]
         texts.append(vicuna.render(turns)[0])
     return texts

@@ -22,7 +22,6 @@ TRAIN_ASPECTS = ((1, 2), (2, 3), (1, 1), (3, 2), (2, 1))  # width : height
 UNSEEN_ASPECTS = ((1, 4), (4, 1))
 SUPERSAMPLE = 4  # drawn larger, then downsampled: anti-aliased edges like a photograph's
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."  # SPEC 4's suffix
 QUESTIONS = {
     "colour": ("What color are the shapes?", "Which color is used for the shapes?", "What is the color of the objects?"),
     "kind": ("What shape are the objects?", "Which kind of shape is shown?", "What shape do you see?"),

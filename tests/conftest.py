@@ -35,6 +35,16 @@ def built(tiny_llama_dir):
     return model.eval(), processor
 
 
+@pytest.fixture(scope="session")
+def checkpoint(built, tmp_path_factory):
+    """The debug EVE saved with save_pretrained: what `from_pretrained` users and the CLIs load."""
+    model, processor = built
+    path = tmp_path_factory.mktemp("eve-ckpt")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def model(built):
     return built[0]

@@ -88,14 +88,14 @@ def test_final_model_loads_with_auto_classes_and_answers(quick_run):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     import eve  # noqa: F401
+    from eval.tasks.base import SHORT_ANSWER
+    from eve.templates import get_template
 
     out, _ = quick_run
     model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
     processor = AutoProcessor.from_pretrained(out / "final")
     image = Image.open(next((out / "world" / "eval" / "unseen" / "images").glob("*.jpg")))
-    prompt = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
-              "and polite answers to the user's questions. USER: <image>\nWhat color are the shapes?\n"
-              "Answer the question using a single word or phrase. ASSISTANT:")
+    prompt = get_template("vicuna_v1").prompt(f"<image>\nWhat color are the shapes?\n{SHORT_ANSWER}")
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)

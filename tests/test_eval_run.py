@@ -16,15 +16,6 @@ from eval.cli import main as eval_main
 SIZES = [(40, 40), (90, 30), (24, 96), (64, 48)]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(built, tmp_path_factory):
-    model, processor = built
-    path = tmp_path_factory.mktemp("eve-ckpt")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def _img(i: int) -> Image.Image:
     return random_image(*SIZES[i % len(SIZES)], seed=i)
 

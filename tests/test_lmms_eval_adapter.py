@@ -19,15 +19,6 @@ SIZES = [(40, 40), (90, 30), (24, 96)]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(built, tmp_path_factory):
-    model, processor = built
-    path = tmp_path_factory.mktemp("eve-lmms")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def loaded(checkpoint):
     return adapter.load_eve(str(checkpoint), device="cpu")
 
