@@ -133,7 +133,7 @@ class Demo:
         cur, pool, p = self.path("curation"), self.path("world", "pool"), self.plan
         commands = [
             ["scan", "--input", f"{POOL_SOURCE}={pool / 'images'}", "--shard-size", "500"],
-            ["filter", "--min-side", "48", "--max-aspect", "4", "--dedup", "--workers", "0"],
+            ["filter", "--min-side", "32", "--max-aspect", "4", "--dedup", "--workers", "0"],
             ["embed", "--model", str(self.path("stand_ins", "teacher")), "--batch-size", "128", "--workers", "0",
              "--device", "cpu"],
             ["cluster", "--k", str(p.clusters), "--niter", "20", "--seed", str(self.seed)],
@@ -150,7 +150,9 @@ class Demo:
     def _stage_config(self, stage: int, results: dict) -> Path:
         p = self.plan
         steps = p.stage_steps[stage - 1]
-        common = dict(global_batch_size=p.batch_size, micro_batch_size=p.batch_size // 2, max_length=256, seed=self.seed,
+        # max_length 384 cuts nothing: a square 96-px image is 157 tokens and the SFT chat around it
+        # ~140. At 256, 18% of the conversations lost their last answer.
+        common = dict(global_batch_size=p.batch_size, micro_batch_size=p.batch_size // 2, max_length=384, seed=self.seed,
                       zero_stage=3 if stage == 2 else 2, gradient_checkpointing=False, num_workers=1,
                       save_every=max(10, steps // 4), keep_last=2, log_every=5, total_steps=steps, warmup_ratio=0.05)
         if stage in (1, 2):
@@ -208,7 +210,8 @@ class Demo:
                     "--out", str(self.path("eval", split)), "--batch-size", "32", "--max-new-tokens", "5", "--device", "cpu"]
             if split == "heldout":
                 size = self.plan.model_image_size
-                argv += ["--sweep", "--sweep-resolutions", f"{size // 2},{size}"]
+                # the world's backgrounds are near-white: a grey border would test the border, not the layout
+                argv += ["--sweep", "--sweep-resolutions", f"{size // 2},{size}", "--sweep-fill", "edge"]
             with self.quiet(f"eval-{split}"):
                 evaluate(argv)
             (run_dir,) = self.path("eval", split).glob("vqav2-*")

@@ -29,8 +29,9 @@ def world_mosaic(seed: int, long_side: int, path: Path) -> None:
     tiles = []
     for aspect in TRAIN_ASPECTS + UNSEEN_ASPECTS:
         scene = sample_scene(rng, [aspect], seed=int(rng.integers(2**31)))
-        tiles.append((render(scene, long_side), f"{aspect[0]}:{aspect[1]}{' (unseen)' if aspect in UNSEEN_ASPECTS else ''}"))
-    pad, label = 8, 16
+        name = f"{aspect[0]}:{aspect[1]}" + ("\nunseen" if aspect in UNSEEN_ASPECTS else "")
+        tiles.append((render(scene, long_side), name))
+    pad, label = 8, 28  # two lines: a 1:4 tile is too narrow for "1:4 (unseen)"
     canvas = Image.new("RGB", (sum(t.width for t, _ in tiles) + pad * (len(tiles) + 1), long_side + label + 2 * pad), (255, 255, 255))
     draw, x = ImageDraw.Draw(canvas), pad
     for tile, text in tiles:
@@ -155,7 +156,8 @@ def write_report(demo, results: dict) -> dict:
         "## The world",
         "",
         "One to four shapes of one colour and one kind per image; three questions per image (colour, shape, count), "
-        "four possible answers each. Training uses the aspect ratios 1:2 to 2:1 only.",
+        f"four possible answers each. Training uses the aspect ratios {', '.join(f'{w}:{h}' for w, h in TRAIN_ASPECTS)}; "
+        f"{' and '.join(f'{w}:{h}' for w, h in UNSEEN_ASPECTS)} occur only in the unseen split.",
         "",
         "![world](world.png)",
         "",
@@ -178,8 +180,10 @@ def write_report(demo, results: dict) -> dict:
         "",
         "## Aspect-ratio sweep (eve-eval --sweep)",
         "",
-        f"The held-out images padded to aspect ratios from 1:4 to 4:1 and shrunk to {demo.plan.model_image_size // 2} or "
-        f"{demo.plan.model_image_size} px on the long side (the model's input size).",
+        "The held-out images padded with their own background colour (`--sweep-fill edge`) to aspect ratios from 1:4 "
+        "to 4:1, so the shapes shrink as the frame stretches (a 1:1 scene framed at 4:1 keeps a quarter of its size), "
+        f"rendered at {demo.plan.model_image_size // 2} and {demo.plan.model_image_size} px on the long side; the processor "
+        f"brings both to the model's {demo.plan.model_image_size} px, so the smaller one is the same picture at half the detail.",
         "",
         f"![sweep]({sweep_png.relative_to(out)})",
         "",

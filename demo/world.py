@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 COLOURS = {"red": (215, 40, 40), "green": (35, 160, 60), "blue": (40, 80, 215), "yellow": (230, 190, 20)}
 KINDS = ("circle", "square", "triangle", "cross")
 COUNT_WORDS = ("one", "two", "three", "four")
-TRAIN_ASPECTS = ((1, 2), (2, 3), (1, 1), (3, 2), (2, 1))  # width : height
+TRAIN_ASPECTS = ((1, 3), (1, 2), (2, 3), (1, 1), (3, 2), (2, 1), (3, 1))  # width : height
 UNSEEN_ASPECTS = ((1, 4), (4, 1))
 SUPERSAMPLE = 4  # drawn larger, then downsampled: anti-aliased edges like a photograph's
 

@@ -55,7 +55,7 @@ def cmd_run(args) -> None:
     if args.sweep:
         resolutions = [int(r) for r in args.sweep_resolutions.split(",")]
         summary["sweep"] = run_sweep(model, processor, task, items, run_dir, records, args.batch_size, args.template,
-                                     resolutions=resolutions)["settings"]
+                                     resolutions=resolutions, fill=args.sweep_fill)["settings"]
     write_summary(summary, run_dir)
     print(json.dumps(summary, indent=2))
     print(f"eve-eval: {task.name} on {len(records)} items -> {run_dir}")
@@ -105,6 +105,7 @@ def cmd_compare(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from eval.robustness import FILLS
     from eval.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="eve-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--sweep", action="store_true", help="also run the aspect-ratio / resolution sweep")
     run.add_argument("--sweep-resolutions", default="336,672", metavar="PX,PX",
                      help="longest sides the sweep re-renders each image at (default 336,672)")
+    run.add_argument("--sweep-fill", default="neutral", choices=FILLS,
+                     help="what pads the reframed images: neutral grey (default) or the image's own border colour")
     run.set_defaults(fn=cmd_run)
     score = sub.add_parser("score", help="score a predictions JSONL (question_id, answer) with no model")
     score.add_argument("--task", required=True, choices=sorted(TASKS))

@@ -152,3 +152,18 @@ def test_aspect_ratio_sweep(benchmarks, checkpoint, tmp_path):
     square = next(s for s in sweep if s["aspect"] == "1:1" and s["resolution"] == 672)
     assert tall["mean_visual_tokens"] < square["mean_visual_tokens"]  # fewer tokens for a thin image
     assert all(0.0 <= s["consistency_with_native"] <= 1.0 for s in sweep)
+
+
+@pytest.mark.parametrize("fill", ["neutral", "edge"])
+def test_reframe_pads_to_the_aspect_ratio_and_keeps_the_content(fill):
+    from eval.robustness import NEUTRAL_FILL, reframe
+
+    image = Image.new("RGB", (40, 20), (250, 240, 230))
+    image.paste((200, 10, 10), (15, 5, 25, 15))  # a red square in the middle
+    tall = reframe(image, (1, 4), 80, fill)
+    assert tall.size == (20, 80)  # 40 x 160 canvas, longest side -> 80
+    border = (250, 240, 230) if fill == "edge" else NEUTRAL_FILL
+    assert max(abs(a - b) for a, b in zip(tall.getpixel((10, 2)), border)) <= 2
+    assert tall.getpixel((10, 40))[0] > 150 and tall.getpixel((10, 40))[1] < 60  # the square, now 5 px wide
+    with pytest.raises(ValueError, match="unknown sweep fill 'mirror'"):
+        reframe(image, (1, 4), 80, "mirror")
