@@ -1,7 +1,7 @@
 """eve-demo: the whole product on built-in synthetic data, on this machine, with nothing downloaded.
 
     eve-demo                      # ~15 min on 2 CPU cores -> runs/demo
-    eve-demo --quick --out DIR    # ~2 min, the version the tests run
+    eve-demo --quick --out DIR    # ~3 min, the version the tests run
 
 Builds a world of coloured shapes on canvases of many aspect ratios; trains the stand-ins for
 Vicuna (a tokenizer and a small Llama, on text only) and EVA-CLIP (a small open_clip, briefly,
@@ -27,7 +27,7 @@ from demo.plan import FULL, QUICK
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eve-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/demo, or runs/demo-quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="a ~2-minute version: less data, fewer steps")
+    parser.add_argument("--quick", action="store_true", help="a ~3-minute version: less data, fewer steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for the world, the stand-ins and training")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps for each of EVE's three stages")
     args = parser.parse_args(argv)

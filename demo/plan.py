@@ -1,4 +1,4 @@
-"""How big each step of the demo is: the full run (~15 min on 2 CPU cores) and `--quick` (~2 min)."""
+"""How big each step of the demo is: the full run (~15 min on 2 CPU cores) and `--quick` (~3 min)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class DemoPlan:
         return self if steps is None else dataclasses.replace(self, stage_steps=(steps, steps, steps))
 
 
-FULL = DemoPlan(pool_images=4000, bad_images=40, sft_images=4000, eval_images=100, decoder_steps=200, teacher_steps=300,
+FULL = DemoPlan(pool_images=4000, bad_images=40, sft_images=4000, eval_images=100, decoder_steps=200, teacher_steps=600,
                 clusters=32, per_cluster=100, stage_steps=(150, 500, 900), model_image_size=96)
-QUICK = DemoPlan(pool_images=800, bad_images=8, sft_images=800, eval_images=24, decoder_steps=150, teacher_steps=150,
+QUICK = DemoPlan(pool_images=800, bad_images=8, sft_images=800, eval_images=24, decoder_steps=150, teacher_steps=300,
                  clusters=8, per_cluster=80, stage_steps=(30, 60, 300))

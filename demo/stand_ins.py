@@ -24,6 +24,7 @@ from demo.world import COLOURS, COUNT_WORDS, KINDS, TRAIN_ASPECTS, Scene, render
 from eval.tasks.base import SHORT_ANSWER
 from eve.templates import get_template
 from eve.testing import make_tiny_tokenizer, save_open_clip
+from train.trainer import cosine_with_warmup
 
 TOKENIZER_VOCAB = 1000
 
@@ -56,7 +57,7 @@ def make_decoder(out: Path, config: dict, steps: int, seed: int, batch_size: int
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**cfg, "vocab_size": len(tokenizer)}))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(steps, warmup=20))
     encoded = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in corpus]
     losses = []
     model.train()
@@ -89,7 +90,7 @@ def _label(scene: Scene) -> int:
 
 
 def make_teacher(out: Path, tokenizer, image_processor, images: int, steps: int, seed: int, long_side: int,
-                 batch_size: int = 128, lr: float = 2e-3) -> list[float]:
+                 batch_size: int = 64, lr: float = 2e-3) -> list[float]:
     """Train a small open_clip CLIP on the world's (image, caption) pairs; save it to `out`."""
     import open_clip
 
@@ -111,7 +112,7 @@ def make_teacher(out: Path, tokenizer, image_processor, images: int, steps: int,
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(steps, warmup=20))
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc="teacher: contrastive training", unit="step"):

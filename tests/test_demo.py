@@ -1,4 +1,4 @@
-"""eve-demo --quick end to end (about two minutes): every artefact, a model that beats chance on
+"""eve-demo --quick end to end (about three minutes): every artefact, a model that beats chance on
 held-out images and on aspect ratios it never saw, and kill -9 + re-run giving the same numbers."""
 
 from __future__ import annotations
@@ -46,10 +46,9 @@ def test_quick_demo_learns_and_writes_every_artefact(quick_run):
     assert output.rstrip().splitlines()[-1] == match.group(0)  # the closing line is the last line
     heldout, unseen, chance = map(float, match.groups())
     assert chance == 0.25
-    # --quick trains for a minute: it must clearly beat chance on held-out images (the full run
-    # reaches 0.85 there and 0.71 on the unseen aspect ratios, see the README)
-    assert heldout > chance + 0.1, output[-2000:]
-    assert 0 <= unseen <= 1
+    # --quick trains for a minute and reaches ~0.60 / ~0.65 here: it must clearly beat chance on
+    # both splits (the full run reaches 0.94 / 0.96 with seed 0, see the README)
+    assert heldout > chance + 0.1 and unseen > chance + 0.1, output[-2000:]
 
     for name in ("report.md", "world.png", "loss_curves.png", "accuracy.png", "demo.json", "configs/stage3.json"):
         assert (out / name).is_file(), name
@@ -63,6 +62,8 @@ def test_quick_demo_learns_and_writes_every_artefact(quick_run):
     for stage in (1, 2, 3):
         assert (out / f"stage{stage}" / "final" / "config.json").is_file()
         assert (out / f"stage{stage}" / "loss.png").is_file()
+        last = json.loads((out / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["truncated"] == 0, f"stage {stage} cut {last['truncated']} samples at max_length"
     for split in ("heldout", "unseen"):
         (run_dir,) = (out / "eval" / split).glob("vqav2-*")
         assert (run_dir / "summary.json").is_file()
