@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_curation.sources import make_uid
-from demo.world import TRAIN_ASPECTS, UNSEEN_ASPECTS, render, sample_scene
+from demo.world import TRAIN_ASPECTS, UNSEEN_ASPECTS, aspect_name, render, sample_scene
 from eval.tasks.base import SHORT_ANSWER
 
 POOL_SOURCE = "shapes"  # the source name given to eve-curate scan
@@ -88,7 +88,7 @@ def write_eval(out: Path, split: str, n: int, seed: int, long_side: int) -> Path
                 "question_id": qid, "image_id": image_id, "question_type": qtype, "answer_type": "other",
                 "multiple_choice_answer": answer,
                 "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
-                "aspect": f"{scene.aspect[0]}:{scene.aspect[1]}",
+                "aspect": aspect_name(scene.aspect),
             })
     (out / "questions.json").write_text(json.dumps({"data_subtype": split, "questions": questions}))
     (out / "annotations.json").write_text(json.dumps({"data_subtype": split, "annotations": annotations}))

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from demo.datasets import QUESTION_TYPES
-from demo.world import TRAIN_ASPECTS, UNSEEN_ASPECTS, chance_level, render, sample_scene
+from demo.world import TRAIN_ASPECTS, UNSEEN_ASPECTS, aspect_name, chance_level, render, sample_scene
 
 
 def _plt():
@@ -29,7 +29,7 @@ def world_mosaic(seed: int, long_side: int, path: Path) -> None:
     tiles = []
     for aspect in TRAIN_ASPECTS + UNSEEN_ASPECTS:
         scene = sample_scene(rng, [aspect], seed=int(rng.integers(2**31)))
-        name = f"{aspect[0]}:{aspect[1]}" + ("\nunseen" if aspect in UNSEEN_ASPECTS else "")
+        name = aspect_name(aspect) + ("\nunseen" if aspect in UNSEEN_ASPECTS else "")
         tiles.append((render(scene, long_side), name))
     pad, label = 8, 28  # two lines: a 1:4 tile is too narrow for "1:4 (unseen)"
     canvas = Image.new("RGB", (sum(t.width for t, _ in tiles) + pad * (len(tiles) + 1), long_side + label + 2 * pad), (255, 255, 255))
@@ -74,16 +74,16 @@ def breakdown(run_dir: str) -> dict:
         if r["score"] is None:
             continue
         w, h = r["native_size"]
-        by_aspect[_aspect_name(w, h)].append(r["score"])
+        by_aspect[_nearest_aspect(w, h)].append(r["score"])
         by_type[QUESTION_TYPES[int(r["question_id"]) % 10]].append(r["score"])
     mean = lambda v: float(np.mean(v))  # noqa: E731
     return {"by_aspect": {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(by_aspect.items(), key=lambda kv: _ratio(kv[0]))},
             "by_type": {k: {"n": len(v), "accuracy": mean(v)} for k, v in by_type.items()}}
 
 
-def _aspect_name(w: int, h: int) -> str:
-    """The world's nearest aspect ratio name for a rendered size."""
-    return min((f"{a}:{b}" for a, b in TRAIN_ASPECTS + UNSEEN_ASPECTS), key=lambda n: abs(np.log(_ratio(n) * h / w)))
+def _nearest_aspect(w: int, h: int) -> str:
+    """The name of the world's aspect ratio nearest to a rendered size."""
+    return aspect_name(min(TRAIN_ASPECTS + UNSEEN_ASPECTS, key=lambda a: abs(np.log(a[0] / a[1] * h / w))))
 
 
 def _ratio(name: str) -> float:
@@ -156,8 +156,8 @@ def write_report(demo, results: dict) -> dict:
         "## The world",
         "",
         "One to four shapes of one colour and one kind per image; three questions per image (colour, shape, count), "
-        f"four possible answers each. Training uses the aspect ratios {', '.join(f'{w}:{h}' for w, h in TRAIN_ASPECTS)}; "
-        f"{' and '.join(f'{w}:{h}' for w, h in UNSEEN_ASPECTS)} occur only in the unseen split.",
+        f"four possible answers each. Training uses the aspect ratios {', '.join(map(aspect_name, TRAIN_ASPECTS))}; "
+        f"{' and '.join(map(aspect_name, UNSEEN_ASPECTS))} occur only in the unseen split.",
         "",
         "![world](world.png)",
         "",

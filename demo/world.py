@@ -71,6 +71,11 @@ def sample_scene(rng: np.random.Generator, aspects, seed: int) -> Scene:
     )
 
 
+def aspect_name(aspect: tuple[int, int]) -> str:
+    """(1, 4) -> "1:4", width first: how splits, reports and annotations name an aspect ratio."""
+    return f"{aspect[0]}:{aspect[1]}"
+
+
 def canvas_size(aspect: tuple[int, int], long_side: int) -> tuple[int, int]:
     w, h = aspect
     scale = long_side / max(w, h)

@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 ASPECTS = [(1, 4), (1, 3), (1, 2), (2, 3), (1, 1), (3, 2), (2, 1), (3, 1), (4, 1)]  # width : height
 RESOLUTIONS = [336, 672]  # longest side of the re-rendered image
-
-
 NEUTRAL_FILL = (124, 116, 104)  # ~ the CLIP mean: what a photo's letterbox usually becomes
 FILLS = ("neutral", "edge")
 
