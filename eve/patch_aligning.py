@@ -10,6 +10,7 @@ penultimate-layer patch token by 1 - cosine similarity, averaged per image, then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,10 @@ from eve.cross_attention import multihead_attend
 from eve.modeling_eve import EveForCausalLM
 from eve.patch_embedding import ImageFeatures
 from eve.processing_eve import centred_offset
+
+
+# The PAL's weights beside an inference checkpoint: training-only, so never in the model's own files.
+PAL_WEIGHTS_NAME = "pal.safetensors"
 
 
 class PatchAligningLayer(nn.Module):
@@ -46,6 +51,29 @@ class PatchAligningLayer(nn.Module):
         q, kv = proj[:, :1], proj[:, 1:]
         attn = multihead_attend(q, kv, kv, self.num_heads, self.scale)[:, 0]  # [P, C]
         return self.input_proj(states[:, 0]) + self.output_proj(attn)
+
+
+def save_pal(pal: PatchAligningLayer, directory: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(directory) / PAL_WEIGHTS_NAME
+    save_file({k: v.detach().contiguous().cpu() for k, v in pal.state_dict().items()}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def load_pal(pal: PatchAligningLayer, directory: str | Path) -> Path | None:
+    """Load the side file of a checkpoint folder into `pal` (all weights, exact shapes); None when
+    the folder has none."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / PAL_WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    try:
+        pal.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit this model's PAL (taps {pal.taps}): {e}") from e
+    return path
 
 
 def image_patch_states(

@@ -79,6 +79,48 @@ def expand_image_tokens(
     return out_ids, out_labels
 
 
+def encode_text(tokenizer, text: str, split_at_images: bool = False, add_special_tokens: bool = True,
+                return_offsets: bool = False, **kwargs) -> dict:
+    """Ids (and character offsets) of one text whose `<image>` placeholders are the tokenizer's
+    image token (one id each, expanded later by `expand_image_tokens`).
+
+    `split_at_images=False` tokenizes the whole text at once, `<image>` being an added special token.
+    `split_at_images=True` is the reference's `tokenizer_image_token`, which EVE's released models
+    were trained and evaluated on: the text between placeholders is tokenized piece by piece, each
+    as a text of its own (so a SentencePiece tokenizer gives the text after an image its dummy
+    prefix "▁"), and only the first piece keeps its BOS.
+    """
+    if not split_at_images:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets, **kwargs)
+        out = {"input_ids": list(enc["input_ids"])}
+        if return_offsets:
+            out["offset_mapping"] = [tuple(o) for o in enc["offset_mapping"]]
+        return out
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    ids, offsets, start = [], [], 0
+    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(image_id)
+            offsets.append((start - len(IMAGE_TOKEN), start))
+        enc = tokenizer(piece, add_special_tokens=add_special_tokens, return_offsets_mapping=return_offsets, **kwargs)
+        piece_ids = list(enc["input_ids"])
+        piece_offsets = [tuple(o) for o in enc["offset_mapping"]] if return_offsets else [(0, 0)] * len(piece_ids)
+        if k and piece_ids and piece_ids[0] == tokenizer.bos_token_id and add_special_tokens:
+            piece_ids, piece_offsets = piece_ids[1:], piece_offsets[1:]
+        ids += piece_ids
+        offsets += [(a + start, b + start) for a, b in piece_offsets]
+        start += len(piece) + len(IMAGE_TOKEN)
+    return {"input_ids": ids, "offset_mapping": offsets} if return_offsets else {"input_ids": ids}
+
+
+def add_image_token(tokenizer) -> int:
+    """Give the tokenizer the `<image>` special token (once); returns its id, which lies past the
+    decoder's vocabulary for a tokenizer that fills it (32000 for Vicuna)."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
 def pad_images(arrays: Sequence[np.ndarray]) -> np.ndarray:
     """[3, h_i, w_i] arrays -> [N, 3, max h, max w], each at the top-left, zeros (the mean) elsewhere."""
     hmax, wmax = max(a.shape[1] for a in arrays), max(a.shape[2] for a in arrays)
@@ -115,6 +157,7 @@ class EveImageProcessor(BaseImageProcessor):
         teacher_image_std: Sequence[float] | None = None,
         resample: int = Image.Resampling.BICUBIC,
         max_pixels: int | None = None,
+        canvas_fill: Sequence[int] | None = None,
         **kwargs,
     ):
         # BaseImageProcessor's own __init__ validates torchvision/PIL backend kwargs that this
@@ -127,6 +170,9 @@ class EveImageProcessor(BaseImageProcessor):
         self.teacher_image_std = list(teacher_image_std or image_std)
         self.resample = int(resample)
         self.max_pixels = max_pixels
+        # RGB (0-255) of the square canvases' border; None is the exact normalisation mean (0 after
+        # normalising). The reference pads with int(255 * mean), which converted models keep.
+        self.canvas_fill = None if canvas_fill is None else [int(c) for c in canvas_fill]
 
     @classmethod
     def from_config(cls, config) -> "EveImageProcessor":
@@ -148,6 +194,13 @@ class EveImageProcessor(BaseImageProcessor):
     def num_visual_tokens(self, height: int, width: int) -> int:
         """Visual tokens for a native (height, width) image."""
         return num_visual_tokens(*self.resized_size(height, width), self.patch_size)
+
+    def _fill(self, mean, std) -> np.ndarray:
+        """The canvas border after normalisation: [3, 1, 1]."""
+        if self.canvas_fill is None:
+            return np.zeros((3, 1, 1), dtype=np.float32)
+        fill = np.asarray(self.canvas_fill, dtype=np.float32) / 255.0
+        return ((fill - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
 
     def _to_array(self, img: Image.Image, size: tuple[int, int], mean, std) -> np.ndarray:
         h, w = size
@@ -183,6 +236,7 @@ class EveImageProcessor(BaseImageProcessor):
         """The reference layout: centred on an image_size square, 4th channel = real pixels."""
         side = self.image_size
         batch = np.zeros((len(images), 4, side, side), dtype=np.float32)
+        batch[:, :3] = self._fill(self.image_mean, self.image_std)
         for b, img in enumerate(images):
             arr = self.preprocess_one(img)
             h, w = arr.shape[1:]
@@ -195,6 +249,7 @@ class EveImageProcessor(BaseImageProcessor):
         """The teacher's copies: geometry at teacher scale, centred on a T x T canvas."""
         side, p = self.teacher_image_size, self.teacher_patch_size
         batch = np.zeros((len(images), 3, side, side), dtype=np.float32)
+        batch[:] = self._fill(self.teacher_image_mean, self.teacher_image_std)
         for b, img in enumerate(images):
             h, w = teacher_geometry(img.height, img.width, side, p)
             top, left = centred_offset(side, h, p), centred_offset(side, w, p)
@@ -214,9 +269,11 @@ class EveProcessor(ProcessorMixin):
     in the order the images are given (a flat list, or one list per text).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        if tokenizer is not None and IMAGE_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, split_at_images: bool = False, **kwargs):
+        if tokenizer is not None:
+            add_image_token(tokenizer)
+        # True for models converted from the reference (eve-convert): see `encode_text`.
+        self.split_at_images = bool(split_at_images)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @property
@@ -247,8 +304,8 @@ class EveProcessor(ProcessorMixin):
             sizes = image_inputs["image_sizes"].tolist()
             tokens = iter(num_visual_tokens(h, w, self.image_processor.patch_size) for h, w in sizes)
             counts = [[next(tokens) for _ in group] for group in per_text]
-        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs)
-        ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded["input_ids"], counts)]
+        encoded = [encode_text(self.tokenizer, t, self.split_at_images, add_special_tokens, **kwargs)["input_ids"] for t in texts]
+        ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded, counts)]
         padded = self.tokenizer.pad({"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors=None)
         data.update(padded)
         return BatchFeature(data=data, tensor_type=return_tensors)

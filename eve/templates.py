@@ -1,4 +1,4 @@
-"""Chat templates (`plain`, `vicuna_v1`) and loss masks built from character offsets (SPEC 1.4).
+"""Chat templates (`plain`, `vicuna_v1`, and the reference's `eve_v1`) and loss masks built from character offsets (SPEC 1.4).
 
 The text is rendered once, with the character spans that carry loss (captions, assistant turns
 and their `</s>`); it is tokenized once, and a token is a label exactly when its characters lie
@@ -12,13 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from eve.processing_eve import IMAGE_TOKEN, expand_image_tokens
+from eve.processing_eve import IMAGE_TOKEN, encode_text, expand_image_tokens
 
 IGNORE_INDEX = -100
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+# The reference's `eve_v1` conversation (its eval loaders' default --conv-mode): "human" for "user".
+# The paper's benchmark scripts pass --conv-mode vicuna_v1 instead, except Q-Bench's (eve_v1).
+EVE_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
 
@@ -60,6 +68,7 @@ class Template:
 TEMPLATES = {
     "plain": Template("plain", "", "", "", "\n"),
     "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
+    "eve_v1": Template("eve_v1", EVE_V1_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
 }
 
 
@@ -86,9 +95,12 @@ def _render_plain(turns: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
     return text, [(start, len(text))]
 
 
-def tokenize_with_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Tokenize `text` (with the tokenizer's BOS) and keep labels only inside `spans`."""
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+def tokenize_with_labels(
+    tokenizer, text: str, spans: Sequence[tuple[int, int]], split_at_images: bool = False
+) -> tuple[list[int], list[int]]:
+    """Tokenize `text` (with the tokenizer's BOS; see `encode_text` for `split_at_images`) and
+    keep labels only inside `spans`."""
+    enc = encode_text(tokenizer, text, split_at_images, add_special_tokens=True, return_offsets=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
     for tok, (a, b) in zip(ids, offsets):
@@ -135,12 +147,13 @@ def encode_example(
     image_token_id: int,
     visual_token_counts: Sequence[int] = (),
     max_length: int | None = None,
+    split_at_images: bool = False,
 ) -> dict:
     """One training sample: render, tokenize with labels, splice the visual tokens (label -100)
     and apply `max_length` after splicing (SPEC 1.3). Raises LabelMaskingError on a bad sample."""
     tpl = get_template(template) if isinstance(template, str) else template
     text, spans = tpl.render(turns)
-    ids, labels = tokenize_with_labels(tokenizer, text, spans)
+    ids, labels = tokenize_with_labels(tokenizer, text, spans, split_at_images)
     try:
         ids, labels = expand_image_tokens(ids, image_token_id, visual_token_counts, labels)
     except ValueError as e:

@@ -170,7 +170,8 @@ class EveDataset(Dataset):
         if not image_ref and any("<image>" in t.get("value", "") for t in turns):
             raise BadSampleError(where, "bad_record", "<image> in the text but no image")
         enc = encode_example(
-            self.processor.tokenizer, self.template, turns, self.processor.image_token_id, counts, self.max_length
+            self.processor.tokenizer, self.template, turns, self.processor.image_token_id, counts, self.max_length,
+            self.processor.split_at_images,
         )
         return Sample(enc["input_ids"], enc["labels"], pixels, teacher, str(record.get("id", i)), enc["truncated_tokens"], [])
 
