@@ -1,7 +1,7 @@
 """eve-eval: evaluate EVE checkpoints on standard benchmarks, from the benchmarks' own files.
 
     eve-eval run --model DIR --task vqav2 --questions Q.json --annotations A.json --images DIR --out runs/eval
-    eve-eval run ... --task textvqa --option ocr=true --sweep      # + the aspect-ratio sweep
+    eve-eval run ... --task textvqa --option ocr=false --sweep     # no OCR tokens; + the aspect-ratio sweep
     eve-eval score --task vqav2 --predictions preds.jsonl --annotations A.json   # no model loaded
     eve-eval compare runs/eval/vqav2-aaaa runs/eval/vqav2-bbbb                     # paired comparison
     eve-eval tasks                                                                 # the registry
@@ -116,11 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--questions", required=True, help="the benchmark's question file (or folder, for MME)")
     run.add_argument("--annotations", help="the benchmark's annotation file, where separate")
     run.add_argument("--images", help="image folder (not needed for TSV benchmarks with base64 images)")
-    run.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option, e.g. ocr=true")
+    run.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="task option, e.g. ocr=false (textvqa)")
     run.add_argument("--out", default="runs/eval", help="output folder")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=None)
-    run.add_argument("--template", default="vicuna_v1")
+    run.add_argument("--template", default="vicuna_v1",
+                     help="chat template: vicuna_v1 (EVE's SFT, and what the paper's benchmark scripts pass), eve_v1 "
+                          "(the reference loaders' default, 'curious human'; its Q-Bench script), plain")
     run.add_argument("--limit", type=int, default=None, help="only the first N items")
     run.add_argument("--device", default=None)
     run.add_argument("--sweep", action="store_true", help="also run the aspect-ratio / resolution sweep")

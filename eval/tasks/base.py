@@ -24,7 +24,9 @@ class Task:
     """Subclasses read the benchmark's own files and implement `parse` and `score`."""
 
     name: str = ""
-    max_new_tokens: int = 16
+    # The reference's eval loaders (eve/eval/model_vqa_loader.py) decode greedily up to 128 new
+    # tokens, stopping at </s>; its ScienceQA and MMBench loaders allow 1024.
+    max_new_tokens: int = 128
 
     def load(self, questions: Path, annotations: Path | None, images: Path | None, **options) -> list[Item]:
         raise NotImplementedError

@@ -11,8 +11,6 @@ from eval.tasks.base import MULTIPLE_CHOICE, Item, Task, base64_image, file_imag
 
 
 class _ChoiceTask(Task):
-    max_new_tokens = 8
-
     def parse(self, output, item):
         return parse_letter(output, item.meta["options"]) or ""
 
@@ -31,6 +29,7 @@ class ScienceQA(_ChoiceTask):
     in the test split (option split=...), images at <images>/<split>/<pid>/image.png."""
 
     name = "scienceqa_img"
+    max_new_tokens = 1024  # the reference's model_vqa_science.py
 
     def load(self, questions, annotations, images, split: str = "test", **options):
         path = Path(annotations or questions)
@@ -54,6 +53,7 @@ class MMBench(_ChoiceTask):
     question is asked once per circular shift of its options (CircularEval)."""
 
     name = "mmbench"
+    max_new_tokens = 1024  # the reference's model_vqa_mmbench.py
 
     def load(self, questions, annotations, images, circular: bool = True, **options):
         def make(row):

@@ -15,7 +15,6 @@ class MME(Task):
     .txt files beside the images), each line `image<TAB>question<TAB>Yes|No`."""
 
     name = "mme"
-    max_new_tokens = 8
 
     def load(self, questions, annotations, images, **options):
         root = Path(questions)

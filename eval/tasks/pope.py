@@ -14,7 +14,6 @@ class POPE(Task):
     """JSONL lines {question_id, image, text, label}; images in the COCO val2014 folder."""
 
     name = "pope"
-    max_new_tokens = 8
 
     def load(self, questions, annotations, images, **options):
         path = Path(annotations or questions)

@@ -64,12 +64,13 @@ class VizWiz(_VqaTask):
 
 @register
 class TextVQA(_VqaTask):
-    """TextVQA_0.5.1_<split>.json ({"data": [...]}, images <image_id>.jpg). Option ocr=true puts
-    the OCR tokens in the prompt, as LLaVA-1.5 reports it."""
+    """TextVQA_0.5.1_<split>.json ({"data": [...]}, images <image_id>.jpg). The OCR tokens go in
+    the prompt, as LLaVA-1.5 and EVE report it (the reference's *_val_v051_ocr.jsonl); ocr=false
+    leaves them out."""
 
     name = "textvqa"
 
-    def load(self, questions, annotations, images, ocr: bool = False, **options):
+    def load(self, questions, annotations, images, ocr: bool = True, **options):
         rows = _load_json(annotations or questions)["data"]
         def make(r):
             question = r["question"]
