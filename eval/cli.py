@@ -55,7 +55,7 @@ def cmd_run(args) -> None:
     if args.sweep:
         resolutions = [int(r) for r in args.sweep_resolutions.split(",")]
         summary["sweep"] = run_sweep(model, processor, task, items, run_dir, records, args.batch_size, args.template,
-                                     resolutions=resolutions, fill=args.sweep_fill)["settings"]
+                                     resolutions=resolutions, fill=args.sweep_fill, max_new_tokens=args.max_new_tokens)["settings"]
     write_summary(summary, run_dir)
     print(json.dumps(summary, indent=2))
     print(f"eve-eval: {task.name} on {len(records)} items -> {run_dir}")

@@ -40,7 +40,7 @@ def _fill_colour(image: Image.Image, fill: str) -> tuple[int, int, int]:
 
 
 def run_sweep(model, processor, task, items, out_dir: Path, native: list[dict], batch_size: int, template: str,
-              aspects=ASPECTS, resolutions=RESOLUTIONS, fill: str = "neutral") -> dict:
+              aspects=ASPECTS, resolutions=RESOLUTIONS, fill: str = "neutral", max_new_tokens: int | None = None) -> dict:
     from eval.runner import run_items  # torch: not needed for `eve-eval --help`, which reads FILLS
 
     native_by_id = {r["question_id"]: r for r in native}
@@ -49,7 +49,7 @@ def run_sweep(model, processor, task, items, out_dir: Path, native: list[dict], 
         for aspect in aspects:
             name = f"ar{aspect[0]}x{aspect[1]}-res{res}" + ("" if fill == "neutral" else f"-{fill}")  # records resume per name
             recs = run_items(model, processor, task, [it for it in items if it.image is not None], out_dir / "sweep" / name,
-                             batch_size, template, transform=lambda im, a=aspect, r=res: reframe(im, a, r, fill))
+                             batch_size, template, max_new_tokens, transform=lambda im, a=aspect, r=res: reframe(im, a, r, fill))
             scored = [r for r in recs if r["score"] is not None]
             same = [r["parsed"] == native_by_id[r["question_id"]]["parsed"] for r in scored if r["question_id"] in native_by_id]
             rows.append({
