@@ -304,7 +304,10 @@ class EveProcessor(ProcessorMixin):
             sizes = image_inputs["image_sizes"].tolist()
             tokens = iter(num_visual_tokens(h, w, self.image_processor.patch_size) for h, w in sizes)
             counts = [[next(tokens) for _ in group] for group in per_text]
-        encoded = [encode_text(self.tokenizer, t, self.split_at_images, add_special_tokens, **kwargs)["input_ids"] for t in texts]
+        if self.split_at_images:
+            encoded = [encode_text(self.tokenizer, t, True, add_special_tokens, **kwargs)["input_ids"] for t in texts]
+        else:  # one batched call
+            encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
         ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded, counts)]
         padded = self.tokenizer.pad({"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors=None)
         data.update(padded)

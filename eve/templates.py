@@ -1,4 +1,5 @@
-"""Chat templates (`plain`, `vicuna_v1`, and the reference's `eve_v1`) and loss masks built from character offsets (SPEC 1.4).
+"""Chat templates (`plain`, `vicuna_v1`, the reference's `eve_v1`) and loss masks built from
+character offsets (SPEC 1.4).
 
 The text is rendered once, with the character spans that carry loss (captions, assistant turns
 and their `</s>`); it is tokenized once, and a token is a label exactly when its characters lie

@@ -283,6 +283,20 @@ def test_prompt_ids_equal_the_reference_split_and_join_rule(converted, ref_dir):
     assert [sp.id_to_piece(t) for t in after] == ["▁", "<0x0A>"]
 
 
+def test_training_labels_of_a_converted_tokenizer(converted):
+    from transformers import AutoProcessor
+
+    from eve.templates import encode_example
+
+    processor = AutoProcessor.from_pretrained(converted)
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "two circles"}]
+    out = encode_example(processor.tokenizer, "vicuna_v1", turns, processor.image_token_id, [5], split_at_images=True)
+    assert out["input_ids"].count(processor.image_token_id) == 5
+    answers = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
+    assert processor.tokenizer.decode(answers).replace(" ", "") == "red</s>twocircles</s>"
+
+
 def test_converted_model_trains_with_its_pal(converted, tmp_path):
     """eve-train continues a converted release with PAL on: the side file is loaded and exported."""
     from train.config import TrainConfig
