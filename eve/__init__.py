@@ -7,7 +7,13 @@ from eve._torchvision_guard import install as _install_torchvision_guard
 
 _install_torchvision_guard()  # before anything imports transformers
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from eve.configuration_eve import FLAVORS, EveConfig  # noqa: E402
 from eve.image_io import InvalidImageError, load_image  # noqa: E402
@@ -18,6 +24,8 @@ from eve import templates  # noqa: E402,F401
 
 AutoConfig.register("eve", EveConfig, exist_ok=True)
 AutoModelForCausalLM.register(EveConfig, EveForCausalLM, exist_ok=True)
+# pipeline("image-text-to-text") and AutoModelForImageTextToText find EVE here.
+AutoModelForImageTextToText.register(EveConfig, EveForCausalLM, exist_ok=True)
 # One PIL/numpy implementation serves both backends the Auto class knows.
 AutoImageProcessor.register(
     EveConfig, image_processor_classes={"pil": EveImageProcessor, "torchvision": EveImageProcessor}, exist_ok=True

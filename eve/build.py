@@ -48,6 +48,7 @@ def build_eve(
     model.vision = EveVisionEmbedding(config).to(language_model.dtype)
     model.vision.apply(model._init_weights)
     model.language_model = language_model
+    model.set_input_embeddings(language_model.get_input_embeddings())  # takes the image token's id too
     model.generation_config = language_model.generation_config
     return model, processor
 

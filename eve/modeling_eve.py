@@ -29,6 +29,28 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
+class ImageTokenEmbedding(nn.Embedding):
+    """The decoder's token embedding (same weight, same checkpoint key), that also takes the image
+    token's id, which may lie past the table: those positions get id 0's row, and EveForCausalLM
+    writes the visual tokens over them. So `model.get_input_embeddings()(input_ids)` works on the
+    processor's output, as it does for any transformers model."""
+
+    image_token_id: int
+
+    @classmethod
+    def wrap(cls, embedding: nn.Embedding, image_token_id: int) -> "ImageTokenEmbedding":
+        if isinstance(embedding, cls):
+            embedding.image_token_id = image_token_id
+            return embedding
+        safe = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
+        safe.weight = embedding.weight  # shared: tying and loading see the same parameter
+        safe.image_token_id = image_token_id
+        return safe
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids.masked_fill(input_ids == self.image_token_id, 0))
+
+
 class EvePreTrainedModel(PreTrainedModel):
     config_class = EveConfig
     config: EveConfig
@@ -60,6 +82,7 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.vision = EveVisionEmbedding(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.set_input_embeddings(self.language_model.get_input_embeddings())
         self.post_init()
 
     # decoder plumbing, so that generate(), resize_token_embeddings() etc. work as usual
@@ -67,7 +90,7 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
+        self.language_model.set_input_embeddings(ImageTokenEmbedding.wrap(value, self.config.image_token_id))
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
@@ -81,11 +104,17 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageFeatures:
         return self.vision(pixel_values, image_sizes)
 
-    def embed_inputs(self, input_ids: torch.LongTensor, image_features: ImageFeatures | None = None) -> torch.Tensor:
-        """Token embeddings with each image-token position replaced by its visual token."""
+    def embed_inputs(
+        self, input_ids: torch.LongTensor, image_features: ImageFeatures | None = None, inputs_embeds: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """Token embeddings (or the given `inputs_embeds`) with each image-token position of
+        `input_ids` replaced by its visual token. `check=False` skips counting the image tokens,
+        which costs a device-to-host sync: a decode step has no image and needs no count."""
         image_mask = input_ids == self.config.image_token_id  # [B, L]
-        # The sentinel id may lie outside the vocabulary: embed a harmless id there instead.
-        embeds = self.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))  # [B, L, d]
+        embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
+        if image_features is None and not check:
+            return embeds
         n_positions = int(image_mask.sum())
         n_features = 0 if image_features is None else image_features.tokens.shape[0]
         if n_positions != n_features:
@@ -114,11 +143,19 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
+        mask_image_logit = kwargs.pop("mask_image_logit", False)
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if input_ids is None and pixel_values is not None:
+            raise ValueError(
+                "pixel_values came with inputs_embeds but no input_ids, so the images have no positions: pass the "
+                "processor's input_ids too (their image tokens mark where each image goes), or merge them yourself "
+                "with model.embed_inputs(input_ids, model.get_image_features(pixel_values, image_sizes), inputs_embeds)"
+            )
+        if input_ids is not None and (inputs_embeds is None or pixel_values is not None):
             features = self.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
-            inputs_embeds = self.embed_inputs(input_ids, features)
+            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+            inputs_embeds = self.embed_inputs(input_ids, features, inputs_embeds, check=prefill)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)  # never predict images
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
@@ -132,7 +169,7 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
             # decoder would create one by default.
             if position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
                 use_cache = False
-        return self.language_model(
+        out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -142,6 +179,24 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        if mask_image_logit and out.logits is not None:
+            out.logits = self._mask_image_logit(out.logits)
+        return out
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs["mask_image_logit"] = True
+        return inputs
+
+    def _mask_image_logit(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores that cover the image token's id with -inf, so that generation never picks it and
+        logits processors that index scores by prompt ids (repetition penalty) see a column for
+        it: one -inf column is appended when the id lies past the vocabulary."""
+        image_id, vocab = self.config.image_token_id, logits.shape[-1]
+        if image_id >= vocab:
+            pad = logits.new_full((*logits.shape[:-1], image_id + 1 - vocab), float("-inf"))
+            return torch.cat([logits, pad], dim=-1)
+        return logits.index_fill(-1, torch.tensor([image_id], device=logits.device), float("-inf"))
 
     def num_parameters_by_part(self) -> dict[str, int]:
         return {

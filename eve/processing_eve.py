@@ -11,6 +11,7 @@ so padding never reaches the decoder. `pad_to_square=True` gives the reference l
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +19,9 @@ import torch
 from PIL import Image
 from transformers import AddedToken, BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor, ImageProcessingMixin
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin, TextKwargs
+
+from eve.processing_kwargs import EveImagesKwargs, EveProcessorKwargs, EveTextKwargs
 
 from eve.image_io import ImageInput, load_image
 
@@ -144,6 +147,8 @@ class EveImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "image_sizes"]
+    valid_kwargs = EveImagesKwargs
+    SETTINGS = ("image_mean", "image_std", "rescale_factor", "resample", "max_pixels", "canvas_fill")
 
     def __init__(
         self,
@@ -158,6 +163,7 @@ class EveImageProcessor(BaseImageProcessor):
         resample: int = Image.Resampling.BICUBIC,
         max_pixels: int | None = None,
         canvas_fill: Sequence[int] | None = None,
+        rescale_factor: float = 1 / 255,
         **kwargs,
     ):
         # BaseImageProcessor's own __init__ validates torchvision/PIL backend kwargs that this
@@ -170,6 +176,7 @@ class EveImageProcessor(BaseImageProcessor):
         self.teacher_image_std = list(teacher_image_std or image_std)
         self.resample = int(resample)
         self.max_pixels = max_pixels
+        self.rescale_factor = float(rescale_factor)
         # RGB (0-255) of the square canvases' border; None is the exact normalisation mean (0 after
         # normalising). The reference pads with int(255 * mean), which converted models keep.
         self.canvas_fill = None if canvas_fill is None else [int(c) for c in canvas_fill]
@@ -199,13 +206,13 @@ class EveImageProcessor(BaseImageProcessor):
         """The canvas border after normalisation: [3, 1, 1]."""
         if self.canvas_fill is None:
             return np.zeros((3, 1, 1), dtype=np.float32)
-        fill = np.asarray(self.canvas_fill, dtype=np.float32) / 255.0
+        fill = np.asarray(self.canvas_fill, dtype=np.float32) * self.rescale_factor
         return ((fill - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
 
     def _to_array(self, img: Image.Image, size: tuple[int, int], mean, std) -> np.ndarray:
         h, w = size
         resized = img.resize((w, h), resample=self.resample) if img.size != (w, h) else img
-        arr = np.asarray(resized, dtype=np.float32) / 255.0
+        arr = np.asarray(resized, dtype=np.float32) * np.float32(self.rescale_factor)
         arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
         return arr.transpose(2, 0, 1)  # [3, h, w]
 
@@ -215,7 +222,17 @@ class EveImageProcessor(BaseImageProcessor):
         return_teacher: bool = False,
         pad_to_square: bool = False,
         return_tensors: str | None = "pt",
+        **settings,
     ) -> BatchFeature:
+        """`settings` override this call's SETTINGS (e.g. `image_mean`); anything else is an error."""
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise TypeError(f"EveImageProcessor does not take {unknown}; per-call settings: {list(self.SETTINGS)} "
+                            "(the geometry belongs to the model's config)")
+        if settings:
+            ip = copy.copy(self)
+            ip.__dict__.update({k: v for k, v in settings.items()})
+            return ip(images, return_teacher, pad_to_square, return_tensors)
         if not isinstance(images, (list, tuple)):
             images = [images]
         pil = [load_image(im, self.max_pixels) for im in images]
@@ -269,11 +286,20 @@ class EveProcessor(ProcessorMixin):
     in the order the images are given (a flat list, or one list per text).
     """
 
+    # Defaults of transformers' kwargs merging (lowest priority): left padding for batched generation.
+    text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, split_at_images: bool = False, **kwargs):
         if tokenizer is not None:
             add_image_token(tokenizer)
+        if chat_template is None:
+            from eve.templates import chat_templates  # eve.templates builds on this module
+
+            chat_template = chat_templates()
         # True for models converted from the reference (eve-convert): see `encode_text`.
         self.split_at_images = bool(split_at_images)
+        self.image_token = IMAGE_TOKEN
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @property
@@ -284,40 +310,75 @@ class EveProcessor(ProcessorMixin):
         self,
         text: str | Sequence[str] | None = None,
         images=None,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        padding_side: str = "left",
-        return_teacher: bool = False,
-        add_special_tokens: bool = True,
+        videos=None,
+        audio=None,
         **kwargs,
     ) -> BatchFeature:
+        """Settings go flat (`padding=...`, `return_teacher=True`) or by modality
+        (`text_kwargs={...}`, `images_kwargs={...}`); a setting given both ways, or one that is
+        not in EveTextKwargs / EveImagesKwargs, is an error."""
         if text is None:
             raise ValueError("EveProcessor needs `text` (use the image processor alone for images only)")
+        if videos is not None or audio is not None:
+            raise ValueError("EVE reads images and text; videos and audio are not supported (pass video frames as images)")
+        merged = self._merge_kwargs(EveProcessorKwargs, **_checked_kwargs(kwargs))
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        images_kwargs.pop("return_tensors", None)
         texts = [text] if isinstance(text, str) else list(text)
         per_text = _images_per_text(texts, images)
         data = {}
         counts: list[list[int]] = [[] for _ in texts]
         flat = [im for group in per_text for im in group]
         if flat:
-            image_inputs = self.image_processor(flat, return_teacher=return_teacher, return_tensors=None)
+            if images_kwargs.get("pad_to_square"):
+                raise ValueError("pad_to_square is the image processor's reference layout; the processor pads per batch")
+            image_inputs = self.image_processor(flat, return_tensors=None, **images_kwargs)
             data.update(image_inputs)
             sizes = image_inputs["image_sizes"].tolist()
             tokens = iter(num_visual_tokens(h, w, self.image_processor.patch_size) for h, w in sizes)
             counts = [[next(tokens) for _ in group] for group in per_text]
+        special = text_kwargs.pop("add_special_tokens", True)
         if self.split_at_images:
-            encoded = [encode_text(self.tokenizer, t, True, add_special_tokens, **kwargs)["input_ids"] for t in texts]
+            encoded = [encode_text(self.tokenizer, t, True, special)["input_ids"] for t in texts]
         else:  # one batched call
-            encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+            encoded = self.tokenizer(texts, add_special_tokens=special)["input_ids"]
         ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded, counts)]
-        padded = self.tokenizer.pad({"input_ids": ids}, padding=padding, padding_side=padding_side, return_tensors=None)
-        data.update(padded)
+        data.update(self.tokenizer.pad({"input_ids": ids}, return_tensors=None, **text_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """Decoded texts of generated ids (image tokens never reach the text)."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+_TEXT_KEYS = set(EveTextKwargs.__annotations__)
+_IMAGE_KEYS = set(EveImagesKwargs.__annotations__)
+
+
+_OTHER_PROCESSING_KEYS = {k for kw in (TextKwargs, ImagesKwargs) for k in kw.__annotations__} - _TEXT_KEYS - _IMAGE_KEYS
+
+
+def _checked_kwargs(kwargs: dict) -> dict:
+    """transformers' merging drops a processing setting this processor does not honour (with a
+    warning); here it is an error. Keys that are no processing setting at all (a pipeline hands
+    generation kwargs over too) are left to transformers' warning."""
+    for key, value in kwargs.items():
+        allowed = {"text_kwargs": _TEXT_KEYS, "images_kwargs": _IMAGE_KEYS}.get(key)
+        if allowed is not None:
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                raise TypeError(f"EveProcessor: {key} does not take {unknown}; it takes {sorted(allowed)}")
+        elif key in _OTHER_PROCESSING_KEYS:
+            raise TypeError(f"EveProcessor does not honour {key!r}; text settings: {sorted(_TEXT_KEYS)}, "
+                            f"image settings: {sorted(_IMAGE_KEYS)}")
+    return kwargs
 
 
 def _images_per_text(texts: list[str], images) -> list[list]:

@@ -10,6 +10,7 @@ inside such a span. A token that straddles a span boundary is a masking mismatch
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,12 +66,52 @@ class Template:
             return question
         return self.system + self.user + question + self.assistant.rstrip()
 
+    def jinja(self) -> str:
+        """This template in Jinja, for transformers' `apply_chat_template` on structured messages
+        ({"role": "user" | "assistant" | "system", "content": str or [{"type": "image"},
+        {"type": "text", "text": ...}]}): an image item is written `<image>\n`, as eve-eval and
+        the reference place it, and the result equals `render` / `prompt` of the same turns."""
+        q = lambda s: json.dumps(s, ensure_ascii=False)  # noqa: E731  (a JSON string is a Jinja string literal)
+        content = (
+            "{%- macro content(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for item in c -%}"
+            "{%- if item['type'] == 'image' -%}{{ " + q(IMAGE_TOKEN + "\n") + " }}"
+            "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+        )
+        roles = "{%- for message in messages -%}{%- set role = message['role'] -%}"
+        unknown = "{%- else -%}{{ raise_exception('unknown role ' ~ role ~ ' (user, assistant or system)') }}{%- endif -%}{%- endfor -%}"
+        if self.name == "plain":  # stages 1-2: the user turn's images, then the caption and a newline;
+            # a final user turn to generate from is written whole, as `prompt` does
+            images = ("{%- if message['content'] is string -%}{{ " + q(IMAGE_TOKEN) + " * message['content'].count("
+                      + q(IMAGE_TOKEN) + ") }}{%- else -%}{%- for item in message['content'] if item['type'] == 'image' -%}{{ "
+                      + q(IMAGE_TOKEN) + " }}{%- endfor -%}{%- endif -%}")
+            return (content + roles + "{%- if role in ['user', 'human'] and add_generation_prompt and loop.last -%}"
+                    + "{{ content(message['content']) }}{%- elif role in ['user', 'human'] -%}" + images
+                    + "{%- elif role in ['assistant', 'gpt'] -%}{{ content(message['content']) }}{{ " + q(self.turn_end) + " }}"
+                    + "{%- elif role == 'system' -%}" + unknown)
+        return (
+            content
+            + "{%- if messages and messages[0]['role'] == 'system' -%}{{ content(messages[0]['content']) }}"
+            + "{%- else -%}{{ " + q(self.system) + " }}{%- endif -%}"
+            + roles
+            + "{%- if role in ['user', 'human'] -%}{{ " + q(self.user) + " }}{{ content(message['content']) }}"
+            + "{%- elif role in ['assistant', 'gpt'] -%}{{ " + q(self.assistant) + " }}{{ content(message['content']) }}{{ "
+            + q(self.turn_end) + " }}"
+            + "{%- elif role == 'system' and loop.first -%}" + unknown
+            + "{%- if add_generation_prompt -%}{{ " + q(self.assistant.rstrip()) + " }}{%- endif -%}"
+        )
+
 
 TEMPLATES = {
     "plain": Template("plain", "", "", "", "\n"),
     "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
     "eve_v1": Template("eve_v1", EVE_V1_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
 }
+
+
+def chat_templates() -> dict[str, str]:
+    """Every template as Jinja, by name, with `vicuna_v1` as transformers' "default": what an
+    EveProcessor saves and `apply_chat_template(..., chat_template=NAME)` picks from."""
+    return {"default": TEMPLATES["vicuna_v1"].jinja(), **{name: t.jinja() for name, t in TEMPLATES.items()}}
 
 
 def get_template(name: str) -> Template:
