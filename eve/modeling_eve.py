@@ -101,7 +101,9 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.language_model.get_decoder()
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageFeatures:
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs) -> ImageFeatures:
+        """The visual sequences of `pixel_values` (an ImageFeatures, i.e. transformers'
+        BaseModelOutputWithPooling; `return_dict` and other kwargs generate() passes are accepted)."""
         return self.vision(pixel_values, image_sizes)
 
     def embed_inputs(
@@ -115,18 +117,18 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         embeds = self.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, d]
         if image_features is None and not check:
             return embeds
+        visual = None if image_features is None else torch.cat(list(image_features.pooler_output))  # [V, d]
         n_positions = int(image_mask.sum())
-        n_features = 0 if image_features is None else image_features.tokens.shape[0]
+        n_features = 0 if visual is None else visual.shape[0]
         if n_positions != n_features:
-            lengths = [] if image_features is None else image_features.lengths
+            lengths = [] if image_features is None else [len(t) for t in image_features.pooler_output]
             raise ValueError(
                 f"image tokens and image features do not match: {n_positions} image-token positions in "
                 f"input_ids, {n_features} visual tokens from {len(lengths)} image(s) (per image: {lengths}). "
                 "Build inputs with EveProcessor, which expands each <image> to its visual length."
             )
         if n_features:
-            feats = image_features.tokens.to(embeds.dtype)
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats)
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
         return embeds
 
     def forward(
@@ -141,19 +143,24 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, ImageFeatures] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         mask_image_logit = kwargs.pop("mask_image_logit", False)
         if input_ids is None and inputs_embeds is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        if input_ids is None and pixel_values is not None:
+        if pixel_values is not None and mm_encoder_outputs:
+            raise ValueError("pass pixel_values or mm_encoder_outputs (pre-encoded images), not both")
+        features = (mm_encoder_outputs or {}).get("image")
+        if input_ids is None and (pixel_values is not None or features is not None):
             raise ValueError(
                 "pixel_values came with inputs_embeds but no input_ids, so the images have no positions: pass the "
                 "processor's input_ids too (their image tokens mark where each image goes), or merge them yourself "
                 "with model.embed_inputs(input_ids, model.get_image_features(pixel_values, image_sizes), inputs_embeds)"
             )
-        if input_ids is not None and (inputs_embeds is None or pixel_values is not None):
-            features = self.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
+        if input_ids is not None and (inputs_embeds is None or pixel_values is not None or features is not None):
+            if features is None and pixel_values is not None:
+                features = self.get_image_features(pixel_values, image_sizes)
             prefill = past_key_values is None or past_key_values.get_seq_length() == 0
             inputs_embeds = self.embed_inputs(input_ids, features, inputs_embeds, check=prefill)
         if labels is not None and input_ids is not None:
@@ -185,6 +192,11 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get("past_key_values")
+        if "mm_encoder_outputs" not in inputs and kwargs.get("mm_encoder_outputs") and (cache is None or cache.get_seq_length() == 0):
+            # transformers hands the pre-encoded images to a model's prefill only when it is not an
+            # assistant; an EVE assistant's prompt holds the same image tokens, so it reads them too.
+            inputs["mm_encoder_outputs"] = kwargs["mm_encoder_outputs"]
         inputs["mask_image_logit"] = True
         return inputs
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from eve.configuration_eve import EveConfig
 from eve.cross_attention import multihead_attend
@@ -39,11 +40,19 @@ class PatchCrossAttention(nn.Module):
 
 
 @dataclass
-class ImageFeatures:
-    """Visual sequences of a batch of images, concatenated in image order."""
+class ImageFeatures(BaseModelOutputWithPooling):
+    """Visual sequences of a batch of images, as transformers' standard image-feature output:
+    `last_hidden_state` [sum_i 1 + h_i*(w_i+1), d], every image's tokens concatenated in image
+    order (images differ in length, so there is no batch axis); `pooler_output`, the same tokens
+    as one [1 + h_i*(w_i+1), d] tensor per image, which is what generate() pre-encodes, expands
+    for beams and hands to forward as `mm_encoder_outputs` (as for Llava); `grids`, the pooled
+    grid (h_i, w_i) of each image."""
 
-    tokens: torch.Tensor  # [sum_i 1 + h_i*(w_i+1), d]
-    grids: list[tuple[int, int]]  # pooled grid (h_i, w_i) per image
+    grids: list[tuple[int, int]] | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.last_hidden_state
 
     @property
     def lengths(self) -> list[int]:
@@ -94,7 +103,9 @@ class EveVisionEmbedding(nn.Module):
         for i, (h, w) in enumerate(grids):
             rows = torch.cat([per_image[i].view(h, w, -1), spl.expand(h, 1, -1)], dim=1)  # [h, w+1, C]
             sequences += [cls[i], rows.reshape(h * (w + 1), -1)]
-        return ImageFeatures(self.projector(torch.cat(sequences)), grids)
+        tokens = self.projector(torch.cat(sequences))
+        per_image = tuple(tokens.split([1 + h * (w + 1) for h, w in grids]))
+        return ImageFeatures(last_hidden_state=tokens, pooler_output=per_image, grids=grids)
 
     def _valid_boxes(self, pixel_values, image_sizes, grid_hw) -> list[tuple[int, int, int, int]]:
         """(top, left, height, width) in patches of each image's real pixels."""

@@ -3,6 +3,8 @@ processor's kwargs conventions, the embedding and inputs_embeds paths, and gener
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -134,7 +136,7 @@ def test_generation_never_yields_the_image_token_and_takes_repetition_penalty(mo
     assert (new != image_id).all() and (sampled[:, inputs["input_ids"].shape[1]:] != image_id).all()
     assert all(torch.isneginf(s[:, image_id]).all() for s in out.scores)
     # after the vocabulary grows, the image id is a real row: still never generated
-    grown = type(model)(model.config)
+    grown = type(model)(copy.deepcopy(model.config))  # resizing writes the config: not the shared model's
     grown.load_state_dict(model.state_dict())
     grown.resize_token_embeddings(image_id + 8)
     with torch.no_grad():
@@ -174,3 +176,36 @@ def test_lora_forward_backward_merge(fresh_model, processor):
         before = lora(**inputs).logits
         merged = lora.merge_and_unload()
         torch.testing.assert_close(merged(**inputs).logits, before, atol=1e-5, rtol=1e-4)
+
+
+def test_get_image_features_is_a_standard_output(model, processor):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    images = [random_image(40, 20), random_image(20, 40, 1)]
+    feats = model.get_image_features(**processor.image_processor(images))
+    assert isinstance(feats, BaseModelOutputWithPooling)
+    assert feats.last_hidden_state.shape == (sum(feats.lengths), model.config.text_config.hidden_size)
+    assert [len(t) for t in feats.pooler_output] == feats.lengths  # one visual sequence per image, for generate()
+    assert torch.equal(feats.pooler_output[1], feats.last_hidden_state[feats.lengths[0]:])
+
+
+def test_assisted_decoding_with_image_prompts(model, processor, tiny_llama_dir):
+    from eve.build import build_eve
+
+    assistant = build_eve(str(tiny_llama_dir), "debug", seed=1)[0].eval()  # another EVE of the same width
+    inputs = processor(text=[f"{IMAGE}\nWhat?"], images=[random_image(40, 20)])
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assisted = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, assistant_model=assistant)
+    assert torch.equal(greedy, assisted)  # greedy assisted decoding keeps the main model's tokens
+
+
+def test_beams_with_several_images_per_prompt(model, processor):
+    images = [random_image(40, 20), random_image(20, 40, 1), random_image(30, 30, 2)]
+    inputs = processor(text=[f"{IMAGE}\n{IMAGE}\nCompare.", f"{IMAGE}\nWhat?"], images=images)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+        alone = model.generate(**processor(text=[f"{IMAGE}\nWhat?"], images=images[2:]), max_new_tokens=3, min_new_tokens=3,
+                               num_beams=2, num_return_sequences=2, do_sample=False)
+    assert out.shape[0] == 4
+    assert torch.equal(out[2:, -3:], alone[:, -3:])  # the second prompt's beams as if it were alone
