@@ -118,8 +118,12 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         if image_features is None and not check:
             return embeds
         visual = None if image_features is None else torch.cat(list(image_features.pooler_output))  # [V, d]
-        n_positions = int(image_mask.sum())
         n_features = 0 if visual is None else visual.shape[0]
+        if torch.compiler.is_compiling():  # torch.export / compile: the same check as a runtime assertion
+            torch._check(image_mask.sum().item() == n_features, lambda: "image tokens and image features do not match")
+            n_positions = n_features
+        else:
+            n_positions = int(image_mask.sum())
         if n_positions != n_features:
             lengths = [] if image_features is None else [len(t) for t in image_features.pooler_output]
             raise ValueError(

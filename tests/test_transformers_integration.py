@@ -209,3 +209,33 @@ def test_beams_with_several_images_per_prompt(model, processor):
                                num_beams=2, num_return_sequences=2, do_sample=False)
     assert out.shape[0] == 4
     assert torch.equal(out[2:, -3:], alone[:, -3:])  # the second prompt's beams as if it were alone
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, pixel_values, attention_mask):
+        return self.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=False).logits
+
+
+def test_torch_export_of_a_forward_with_a_fixed_image_size(model, processor):
+    inputs = processor(text=[f"{IMAGE}\nWhat?"], images=[random_image(32, 16)])  # exactly one image's size: no image_sizes
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
+    with torch.no_grad():
+        exported = torch.export.export(_Logits(model), args, strict=False)
+        torch.testing.assert_close(exported.module()(*args), _Logits(model)(*args))
+
+
+def test_decode_step_compiles_without_graph_breaks(model, processor):
+    inputs = processor(text=[f"{IMAGE}\nWhat?"], images=[random_image(32, 16)])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        step = out.logits[:, -1:].argmax(-1)
+        explained = torch._dynamo.explain(model.forward)(
+            input_ids=step, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(step)], 1),
+            position_ids=torch.tensor([[inputs["input_ids"].shape[1]]]), past_key_values=out.past_key_values,
+            use_cache=True, mask_image_logit=True,
+        )
+    assert explained.graph_break_count == 0, explained.break_reasons
