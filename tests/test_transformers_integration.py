@@ -239,3 +239,37 @@ def test_decode_step_compiles_without_graph_breaks(model, processor):
             use_cache=True, mask_image_logit=True,
         )
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_processor_save_load_round_trip(converted_like_processor, tmp_path):
+    from transformers import AutoProcessor
+
+    processor = converted_like_processor
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    assert (again.split_at_images, again.image_processor.canvas_fill) == (True, [122, 116, 104])
+    assert again.chat_template == processor.chat_template
+    image = random_image(40, 20)
+    a, b = processor(text=f"{IMAGE}\nhi", images=[image]), again(text=f"{IMAGE}\nhi", images=[image])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def converted_like_processor(processor):
+    from eve.processing_eve import EveImageProcessor, EveProcessor
+
+    ip = EveImageProcessor(**{**processor.image_processor.to_dict(), "canvas_fill": [122, 116, 104]})
+    return EveProcessor(ip, processor.tokenizer, split_at_images=True)
+
+
+def test_generation_continues_from_its_cache(model, processor):
+    """generate(), then generate() again on the extended prompt with the returned cache: the
+    same tokens as one uninterrupted call (the images are encoded for the first call only)."""
+    inputs = processor(text=[f"{IMAGE}\nWhat?"], images=[random_image(40, 20)])
+    with torch.no_grad():
+        full = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        mask = torch.ones_like(first.sequences)
+        rest = model.generate(input_ids=first.sequences, attention_mask=mask, past_key_values=first.past_key_values,
+                              max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(rest, full)
