@@ -53,14 +53,6 @@ class PatchAligningLayer(nn.Module):
         return self.input_proj(states[:, 0]) + self.output_proj(attn)
 
 
-def save_pal(pal: PatchAligningLayer, directory: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(directory) / PAL_WEIGHTS_NAME
-    save_file({k: v.detach().contiguous().cpu() for k, v in pal.state_dict().items()}, str(path), metadata={"format": "pt"})
-    return path
-
-
 def load_pal(pal: PatchAligningLayer, directory: str | Path) -> Path | None:
     """Load the side file of a checkpoint folder into `pal` (all weights, exact shapes); None when
     the folder has none."""

@@ -298,25 +298,32 @@ def test_training_labels_of_a_converted_tokenizer(converted):
 
 
 def test_converted_model_trains_with_its_pal(converted, tmp_path):
-    """eve-train continues a converted release with PAL on: the side file is loaded and exported."""
+    """eve-train continues a converted release with PAL on, starting from the release's PAL."""
     from train.config import TrainConfig
     from train.trainer import train
 
     from eve.testing import make_tiny_open_clip
 
     teacher = make_tiny_open_clip(tmp_path / "teacher")  # 16-px images in 8-px patches, width 32: the tiny release's
-    (tmp_path / "img.png").write_bytes(b"")
     random_image(40, 24).save(tmp_path / "img.png")
     rows = [{"id": i, "image": "img.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "dots"}]}
             for i in range(4)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(stage=3, output_dir=str(tmp_path / "run"), data=[{"path": str(tmp_path / "data.jsonl")}],
-                      init_from=str(converted), template="vicuna_v1", pal=True, teacher=str(teacher), lr_vision=1e-3,
-                      lr_decoder=1e-4, micro_batch_size=2, global_batch_size=2, max_length=256, total_steps=1,
-                      zero_stage=2, num_workers=0, log_every=1)
-    final = train(cfg)
-    before, after = load_file(converted / "pal.safetensors"), load_file(final / "pal.safetensors")
-    assert before.keys() == after.keys() and not torch.equal(before["input_proj.weight"], after["input_proj.weight"])
+    without = tmp_path / "no-pal"
+    shutil.copytree(converted, without)
+    (without / "pal.safetensors").unlink()
+
+    def first_pal_loss(init, name):
+        cfg = TrainConfig(stage=3, output_dir=str(tmp_path / name), data=[{"path": str(tmp_path / "data.jsonl")}],
+                          init_from=str(init), template="vicuna_v1", pal=True, teacher=str(teacher), lr_vision=1e-3,
+                          lr_decoder=1e-4, micro_batch_size=2, global_batch_size=2, max_length=256, total_steps=1,
+                          zero_stage=2, num_workers=0, log_every=1, seed=0)
+        final = train(cfg)
+        assert (final / "model.safetensors").is_file() and not (final / "pal.safetensors").exists()
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["pal_loss"]
+
+    # the same data, seed and teacher: only the PAL's starting weights differ
+    assert first_pal_loss(converted, "with") != pytest.approx(first_pal_loss(without, "fresh"), abs=1e-6)
 
 
 def test_cli(ref_dir, tmp_path, capsys):
