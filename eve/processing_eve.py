@@ -212,7 +212,9 @@ class EveImageProcessor(BaseImageProcessor):
     def _to_array(self, img: Image.Image, size: tuple[int, int], mean, std) -> np.ndarray:
         h, w = size
         resized = img.resize((w, h), resample=self.resample) if img.size != (w, h) else img
-        arr = np.asarray(resized, dtype=np.float32) * np.float32(self.rescale_factor)
+        # Divided, not multiplied: for the default 1/255 this is exactly `/ 255.0`, the arithmetic
+        # every model trained here saw (a multiply differs by an ulp, which trajectories amplify).
+        arr = np.asarray(resized, dtype=np.float32) / np.float32(1.0 / self.rescale_factor)
         arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
         return arr.transpose(2, 0, 1)  # [3, h, w]
 
