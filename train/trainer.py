@@ -101,7 +101,7 @@ def train(cfg: TrainConfig) -> Path:
     if module.pal is not None and not cfg.init_is_decoder:
         # A converted release's PAL continues (eve-convert puts it beside the model). eve-train's own
         # stages start a fresh PAL each: continuing stage 1's into stage 2, as the reference does,
-        # measured worse on eve-demo (0.78 / 0.75 against 0.94 / 0.96, seed 0).
+        # measured worse on eve-demo (0.78 / 0.75 against 0.86 / 0.78, seed 0, same code otherwise).
         loaded = load_pal(module.pal, cfg.init_from)
         if loaded is not None and dist.is_main:
             log.info("PAL weights from %s", loaded)
