@@ -10,6 +10,7 @@ _install_torchvision_guard()  # before anything imports transformers
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -17,12 +18,13 @@ from transformers import (  # noqa: E402
 
 from eve.configuration_eve import FLAVORS, EveConfig  # noqa: E402
 from eve.image_io import InvalidImageError, load_image  # noqa: E402
-from eve.modeling_eve import EveForCausalLM, EvePreTrainedModel  # noqa: E402
+from eve.modeling_eve import EveForCausalLM, EveModel, EvePreTrainedModel  # noqa: E402
 from eve.patch_embedding import EveVisionEmbedding, ImageFeatures  # noqa: E402
 from eve.processing_eve import EveImageProcessor, EveProcessor, num_visual_tokens  # noqa: E402
 from eve import templates  # noqa: E402,F401
 
 AutoConfig.register("eve", EveConfig, exist_ok=True)
+AutoModel.register(EveConfig, EveModel, exist_ok=True)  # headless: last hidden states
 AutoModelForCausalLM.register(EveConfig, EveForCausalLM, exist_ok=True)
 # pipeline("image-text-to-text") and AutoModelForImageTextToText find EVE here.
 AutoModelForImageTextToText.register(EveConfig, EveForCausalLM, exist_ok=True)
@@ -37,6 +39,7 @@ __all__ = [
     "EveConfig",
     "EveForCausalLM",
     "EveImageProcessor",
+    "EveModel",
     "EvePreTrainedModel",
     "EveProcessor",
     "EveVisionEmbedding",

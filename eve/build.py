@@ -38,7 +38,10 @@ def build_eve(
     )
     tokenizer = AutoTokenizer.from_pretrained(decoder)
     config = EveConfig.from_flavor(flavor, **overrides)
+    # The loaded decoder's own config object (building an EveConfig around it would reset its
+    # attention implementation); the inference checkpoint follows the decoder on tying.
     config.text_config = language_model.config
+    config.tie_word_embeddings = bool(language_model.config.tie_word_embeddings)
     processor = EveProcessor(EveImageProcessor.from_config(config), tokenizer)
     config.image_token_id = processor.image_token_id
 

@@ -11,11 +11,13 @@ import importlib.util
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.generic import can_return_tuple
 
 from eve.configuration_eve import EveConfig
 from eve.patch_embedding import EveVisionEmbedding, ImageFeatures
+from eve.processing_eve import num_visual_tokens
 
 
 def default_attn_implementation() -> str:
@@ -51,7 +53,21 @@ class ImageTokenEmbedding(nn.Embedding):
         return super().forward(input_ids.masked_fill(input_ids == self.image_token_id, 0))
 
 
+class VocabularyScores(LogitsProcessor):
+    """Scores cut back to the vocabulary (a no-op when they are no wider)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores[..., : self.vocab_size]
+
+
 class EvePreTrainedModel(PreTrainedModel):
+    """What EveModel and EveForCausalLM share: both hold the vision front end as `vision` and the
+    decoder as `language_model` (a base model in EveModel, a causal LM in EveForCausalLM), and both
+    splice images into the token embeddings the same way."""
+
     config_class = EveConfig
     config: EveConfig
     base_model_prefix = "eve"
@@ -73,33 +89,11 @@ class EvePreTrainedModel(PreTrainedModel):
             module.class_embedding.normal_(std=std)
             module.split_embedding.normal_(std=std)
 
-
-class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
-    """EVE for generation and training. Holds the decoder as `language_model` and the vision
-    front end as `vision`; the Patch Aligning Layer and teacher live outside (eve.patch_aligning)."""
-
-    def __init__(self, config: EveConfig):
-        super().__init__(config)
-        self.vision = EveVisionEmbedding(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self.set_input_embeddings(self.language_model.get_input_embeddings())
-        self.post_init()
-
-    # decoder plumbing, so that generate(), resize_token_embeddings() etc. work as usual
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(ImageTokenEmbedding.wrap(value, self.config.image_token_id))
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs) -> ImageFeatures:
         """The visual sequences of `pixel_values` (an ImageFeatures, i.e. transformers'
@@ -135,6 +129,106 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.to(embeds.dtype))
         return embeds
 
+    def _decoder_inputs(
+        self, input_ids, pixel_values, image_sizes, attention_mask, position_ids, past_key_values, inputs_embeds,
+        use_cache, mm_encoder_outputs,
+    ) -> dict:
+        """What the decoder takes (inputs_embeds with the images in place, positions, cache)
+        from what EVE takes (input_ids with image tokens plus pixels or pre-encoded images)."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs:
+            raise ValueError("pass pixel_values or mm_encoder_outputs (pre-encoded images), not both")
+        features = (mm_encoder_outputs or {}).get("image")
+        if input_ids is None and (pixel_values is not None or features is not None):
+            raise ValueError(
+                "pixel_values came with inputs_embeds but no input_ids, so the images have no positions: pass the "
+                "processor's input_ids too (their image tokens mark where each image goes), or merge them yourself "
+                "with model.embed_inputs(input_ids, model.get_image_features(pixel_values, image_sizes), inputs_embeds)"
+            )
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if input_ids is not None and (inputs_embeds is None or pixel_values is not None or features is not None):
+            if features is None and pixel_values is not None:
+                features = self.get_image_features(pixel_values, image_sizes)
+            inputs_embeds = self.embed_inputs(input_ids, features, inputs_embeds, check=prefill)
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and prefill:
+            # Left-padded prompts: count positions from each sample's first real token, as
+            # generate() does, so a batched forward equals each sample alone.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if use_cache is None and past_key_values is None and attention_mask is None and position_ids is not None:
+            # Packed rows (position_ids restarting per sample, no mask, see train/packing.py):
+            # transformers builds their block-diagonal mask only when no cache is passed, and the
+            # decoder would create one by default.
+            if position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
+                use_cache = False
+        return dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                    past_key_values=past_key_values, use_cache=use_cache)
+
+
+class EveModel(EvePreTrainedModel):
+    """EVE without the language-model head (`AutoModel`): the decoder's last hidden states over
+    text and visual tokens, for embeddings and feature extraction. Loads an EveForCausalLM
+    checkpoint (its head is left out)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^language_model\.lm_head\."]
+    # An EveForCausalLM checkpoint holds the decoder as a causal LM (`language_model.model.*`).
+    _CAUSAL_LM_KEYS = {r"^language_model\.model\.": "language_model."}
+
+    def __init__(self, config: EveConfig):
+        super().__init__(config)
+        self.vision = EveVisionEmbedding(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.set_input_embeddings(self.language_model.get_input_embeddings())
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        kwargs.setdefault("key_mapping", cls._CAUSAL_LM_KEYS)
+        return super().from_pretrained(*args, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, ImageFeatures] | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        decoder_inputs = self._decoder_inputs(input_ids, pixel_values, image_sizes, attention_mask, position_ids,
+                                              past_key_values, inputs_embeds, use_cache, mm_encoder_outputs)
+        return self.language_model(**decoder_inputs, **kwargs)
+
+
+class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
+    """EVE for generation and training. Holds the decoder as `language_model` and the vision
+    front end as `vision`; the Patch Aligning Layer and teacher live outside (eve.patch_aligning)."""
+
+    _IMAGE_INPUTS = ("pixel_values", "image_sizes", "mm_encoder_outputs")
+
+    def __init__(self, config: EveConfig):
+        super().__init__(config)
+        self.vision = EveVisionEmbedding(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.set_input_embeddings(self.language_model.get_input_embeddings())
+        self.post_init()
+
+    # decoder plumbing, so that generate(), resize_token_embeddings() etc. work as usual
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -151,58 +245,82 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         mask_image_logit = kwargs.pop("mask_image_logit", False)
-        if input_ids is None and inputs_embeds is None:
-            raise ValueError("pass input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs:
-            raise ValueError("pass pixel_values or mm_encoder_outputs (pre-encoded images), not both")
-        features = (mm_encoder_outputs or {}).get("image")
-        if input_ids is None and (pixel_values is not None or features is not None):
-            raise ValueError(
-                "pixel_values came with inputs_embeds but no input_ids, so the images have no positions: pass the "
-                "processor's input_ids too (their image tokens mark where each image goes), or merge them yourself "
-                "with model.embed_inputs(input_ids, model.get_image_features(pixel_values, image_sizes), inputs_embeds)"
-            )
-        if input_ids is not None and (inputs_embeds is None or pixel_values is not None or features is not None):
-            if features is None and pixel_values is not None:
-                features = self.get_image_features(pixel_values, image_sizes)
-            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-            inputs_embeds = self.embed_inputs(input_ids, features, inputs_embeds, check=prefill)
+        decoder_inputs = self._decoder_inputs(input_ids, pixel_values, image_sizes, attention_mask, position_ids,
+                                              past_key_values, inputs_embeds, use_cache, mm_encoder_outputs)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)  # never predict images
-        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2:
-            # Left-padded prompts: count positions from each sample's first real token, as
-            # generate() does, so a batched forward equals each sample alone.
-            if past_key_values is None or past_key_values.get_seq_length() == 0:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        if use_cache is None and past_key_values is None and attention_mask is None and position_ids is not None:
-            # Packed rows (position_ids restarting per sample, no mask, see train/packing.py):
-            # transformers builds their block-diagonal mask only when no cache is passed, and the
-            # decoder would create one by default.
-            if position_ids.shape[-1] > 1 and bool((position_ids.diff(dim=-1) != 1).any()):
-                use_cache = False
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        out = self.language_model(**decoder_inputs, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
         if mask_image_logit and out.logits is not None:
             out.logits = self._mask_image_logit(out.logits)
         return out
 
-    def prepare_inputs_for_generation(self, *args, **kwargs):
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        # named parameters: generate() accepts inputs_embeds only from a model whose signature shows it
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
         cache = inputs.get("past_key_values")
-        if "mm_encoder_outputs" not in inputs and kwargs.get("mm_encoder_outputs") and (cache is None or cache.get_seq_length() == 0):
-            # transformers hands the pre-encoded images to a model's prefill only when it is not an
-            # assistant; an EVE assistant's prompt holds the same image tokens, so it reads them too.
-            inputs["mm_encoder_outputs"] = kwargs["mm_encoder_outputs"]
+        for key in self._IMAGE_INPUTS:
+            if cache is not None and cache.get_seq_length():
+                inputs.pop(key, None)  # the images were read at prefill; a decode step has no image tokens
+            elif inputs.get(key) is None and kwargs.get(key) is not None and len(kwargs[key]):
+                # transformers hands images (pixels, or pre-encoded since 5.2x) to a model's prefill
+                # only when it is not an assistant; an EVE assistant's prompt holds the same image
+                # tokens, so it reads them too.
+                inputs[key] = kwargs[key]
+        if inputs.get("input_ids") is None and inputs.get("inputs_embeds") is not None and input_ids is not None \
+                and input_ids.shape[:2] == inputs["inputs_embeds"].shape[:2]:
+            # generate(input_ids, inputs_embeds=...) prefills from the embeddings alone; the ids
+            # say where the images go, so they come along.
+            inputs["input_ids"] = input_ids
         inputs["mask_image_logit"] = True
         return inputs
+
+    def generate(self, *args, logits_processor=None, **kwargs):
+        """transformers' generate(). For beam search, the image token's -inf score column (see
+        `_mask_image_logit`) is cut off after the logits processors have read it: transformers
+        5.17 lays beams x vocabulary out by the config's vocabulary size. (Other modes keep it:
+        assisted decoding writes processed scores back into the logits, column for column.)"""
+        config = kwargs.get("generation_config") or self.generation_config
+        if (kwargs.get("num_beams") or config.num_beams or 1) > 1:
+            logits_processor = LogitsProcessorList([*(logits_processor or []), VocabularyScores(self.config.text_config.vocab_size)])
+        return super().generate(*args, logits_processor=logits_processor, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers' expansion for beams / several return sequences. transformers 5.17 still
+        holds raw pixels here and repeats each image in place, which misorders the images of a
+        prompt that has several: expand them by prompt instead (later versions pre-encode the
+        images and expand them by prompt themselves, so no pixels reach this point)."""
+        pixels = model_kwargs.pop("pixel_values", None) if expand_size > 1 and input_ids is not None else None
+        sizes = model_kwargs.pop("image_sizes", None) if pixels is not None else None
+        input_ids_before = input_ids
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        if pixels is not None:
+            order = torch.tensor(self._image_rows(input_ids_before, pixels, sizes, expand_size), device=pixels.device)
+            model_kwargs["pixel_values"] = pixels[order]
+            if sizes is not None:
+                model_kwargs["image_sizes"] = torch.as_tensor(sizes, device=pixels.device)[order]
+        return input_ids, model_kwargs
+
+    def _image_rows(self, input_ids, pixels, sizes, expand_size) -> list[int]:
+        """Image indices in the order of the expanded rows: each prompt's images, `expand_size` times."""
+        p = self.vision.patch_size
+        boxes = self.vision._valid_boxes(pixels, sizes, (pixels.shape[-2] // p, pixels.shape[-1] // p))
+        lengths = iter(enumerate(num_visual_tokens(gh * p, gw * p, p) for _, _, gh, gw in boxes))
+        order = []
+        for n_tokens in (input_ids == self.config.image_token_id).sum(-1).tolist():
+            group = []
+            while n_tokens > 0 and (image := next(lengths, None)) is not None:  # (a mismatch is forward's error to report)
+                group.append(image[0])
+                n_tokens -= image[1]
+            order += group * expand_size
+        return order
+
+    def compute_transition_scores(self, sequences, scores, *args, **kwargs):
+        """transformers' compute_transition_scores, on scores without the image token's column
+        (it reads them by the config's vocabulary size)."""
+        vocab = self.config.text_config.vocab_size
+        return super().compute_transition_scores(sequences, tuple(s[..., :vocab] for s in scores), *args, **kwargs)
 
     def _mask_image_logit(self, logits: torch.Tensor) -> torch.Tensor:
         """Scores that cover the image token's id with -inf, so that generation never picks it and

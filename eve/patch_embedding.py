@@ -76,9 +76,12 @@ class EveVisionEmbedding(nn.Module):
         self.projector = nn.Sequential(nn.Linear(C, d), ACT2FN[config.projector_hidden_act], nn.Linear(d, d))
 
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> ImageFeatures:
-        dtype = self.patch_embedding.weight.dtype
+        dtype, p = self.patch_embedding.weight.dtype, self.patch_size
+        # The grid of each image must be known on the host to slice it out (shapes follow the data):
+        # read it before queueing the convolution, so that this prefill's one sync waits for the
+        # inputs' copy only. Decode steps carry no pixels and never get here.
+        boxes = self._valid_boxes(pixel_values, image_sizes, (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p))
         feats = self.patch_embedding(pixel_values[:, :3].to(dtype))  # [N, C, H/p, W/p]
-        boxes = self._valid_boxes(pixel_values, image_sizes, feats.shape[-2:])
 
         windows, grids = [], []
         for i, (top, left, gh, gw) in enumerate(boxes):

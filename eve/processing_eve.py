@@ -9,10 +9,8 @@ so padding never reaches the decoder. `pad_to_square=True` gives the reference l
 (a centred square canvas plus a 4th mask channel); both yield identical visual tokens.
 """
 
-from __future__ import annotations
-
 import copy
-from typing import Sequence
+from typing import Sequence, Unpack
 
 import numpy as np
 import torch
@@ -116,6 +114,20 @@ def encode_text(tokenizer, text: str, split_at_images: bool = False, add_special
     return {"input_ids": ids, "offset_mapping": offsets} if return_offsets else {"input_ids": ids}
 
 
+def truncate_text(ids: list[int], max_length: int, image_token_id: int, side: str = "right", index: int = 0) -> list[int]:
+    """`ids` cut to `max_length` from `side`, removing text only: a cut that would remove any
+    image token raises, since the model needs every visual token of an image it is given."""
+    if len(ids) <= max_length:
+        return ids
+    kept, cut = (ids[:max_length], ids[max_length:]) if side == "right" else (ids[len(ids) - max_length:], ids[: len(ids) - max_length])
+    if image_token_id in cut:
+        raise ValueError(
+            f"text {index}: truncating {len(ids)} tokens to max_length={max_length} from the {side} would cut an image "
+            f"({sum(t == image_token_id for t in ids)} image tokens): raise max_length or pass fewer or smaller images"
+        )
+    return kept
+
+
 def add_image_token(tokenizer) -> int:
     """Give the tokenizer the `<image>` special token (once); returns its id, which lies past the
     decoder's vocabulary for a tokenizer that fills it (32000 for Vicuna)."""
@@ -148,7 +160,8 @@ class EveImageProcessor(BaseImageProcessor):
 
     model_input_names = ["pixel_values", "image_sizes"]
     valid_kwargs = EveImagesKwargs
-    SETTINGS = ("image_mean", "image_std", "rescale_factor", "resample", "max_pixels", "canvas_fill")
+    SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "resample", "max_pixels",
+                "canvas_fill")
 
     def __init__(
         self,
@@ -164,6 +177,8 @@ class EveImageProcessor(BaseImageProcessor):
         max_pixels: int | None = None,
         canvas_fill: Sequence[int] | None = None,
         rescale_factor: float = 1 / 255,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
         **kwargs,
     ):
         # BaseImageProcessor's own __init__ validates torchvision/PIL backend kwargs that this
@@ -176,7 +191,10 @@ class EveImageProcessor(BaseImageProcessor):
         self.teacher_image_std = list(teacher_image_std or image_std)
         self.resample = int(resample)
         self.max_pixels = max_pixels
+        self.do_rescale, self.do_normalize = bool(do_rescale), bool(do_normalize)
         self.rescale_factor = float(rescale_factor)
+        if self.rescale_factor == 0:
+            raise ValueError("rescale_factor must not be 0 (pass do_rescale=False to keep 0-255 values)")
         # RGB (0-255) of the square canvases' border; None is the exact normalisation mean (0 after
         # normalising). The reference pads with int(255 * mean), which converted models keep.
         self.canvas_fill = None if canvas_fill is None else [int(c) for c in canvas_fill]
@@ -203,19 +221,28 @@ class EveImageProcessor(BaseImageProcessor):
         return num_visual_tokens(*self.resized_size(height, width), self.patch_size)
 
     def _fill(self, mean, std) -> np.ndarray:
-        """The canvas border after normalisation: [3, 1, 1]."""
-        if self.canvas_fill is None:
-            return np.zeros((3, 1, 1), dtype=np.float32)
-        fill = np.asarray(self.canvas_fill, dtype=np.float32) * self.rescale_factor
-        return ((fill - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)).reshape(3, 1, 1)
+        """The square canvases' border in the output's units: [3, 1, 1]. By default the exact
+        normalisation mean; `canvas_fill` gives an RGB colour instead."""
+        if self.canvas_fill is None and self.do_normalize:
+            return np.zeros((3, 1, 1), dtype=np.float32)  # exactly the mean after normalising
+        # an RGB colour (0-255), by default the mean's, through the same steps as the pixels
+        fill = np.asarray(self.canvas_fill if self.canvas_fill is not None else np.asarray(mean) * 255, dtype=np.float32)
+        return self._normalise(self._rescale(fill), mean, std).reshape(3, 1, 1)
+
+    def _rescale(self, arr: np.ndarray) -> np.ndarray:
+        # Divided, not multiplied: for the default 1/255 this is exactly `/ 255.0`, the arithmetic
+        # every model trained here saw (a multiply differs by an ulp, which trajectories amplify).
+        return arr / np.float32(1.0 / self.rescale_factor) if self.do_rescale else arr
+
+    def _normalise(self, arr: np.ndarray, mean, std) -> np.ndarray:
+        if not self.do_normalize:
+            return arr
+        return (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
 
     def _to_array(self, img: Image.Image, size: tuple[int, int], mean, std) -> np.ndarray:
         h, w = size
         resized = img.resize((w, h), resample=self.resample) if img.size != (w, h) else img
-        # Divided, not multiplied: for the default 1/255 this is exactly `/ 255.0`, the arithmetic
-        # every model trained here saw (a multiply differs by an ulp, which trajectories amplify).
-        arr = np.asarray(resized, dtype=np.float32) / np.float32(1.0 / self.rescale_factor)
-        arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+        arr = self._normalise(self._rescale(np.asarray(resized, dtype=np.float32)), mean, std)
         return arr.transpose(2, 0, 1)  # [3, h, w]
 
     def __call__(
@@ -232,6 +259,8 @@ class EveImageProcessor(BaseImageProcessor):
             raise TypeError(f"EveImageProcessor does not take {unknown}; per-call settings: {list(self.SETTINGS)} "
                             "(the geometry belongs to the model's config)")
         if settings:
+            if settings.get("rescale_factor", 1) == 0:
+                raise ValueError("rescale_factor must not be 0 (pass do_rescale=False to keep 0-255 values)")
             ip = copy.copy(self)
             ip.__dict__.update({k: v for k, v in settings.items()})
             return ip(images, return_teacher, pad_to_square, return_tensors)
@@ -288,9 +317,10 @@ class EveProcessor(ProcessorMixin):
     in the order the images are given (a flat list, or one list per text).
     """
 
+    valid_processor_kwargs = EveProcessorKwargs
     # Defaults of transformers' kwargs merging (lowest priority): left padding for batched generation.
-    text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": True, "return_tensors": "pt"}
-    images_kwargs = {"return_tensors": "pt"}
+    text_kwargs = EveProcessorKwargs._defaults["text_kwargs"]
+    images_kwargs = EveProcessorKwargs._defaults["images_kwargs"]
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, split_at_images: bool = False, **kwargs):
         if tokenizer is not None:
@@ -314,19 +344,28 @@ class EveProcessor(ProcessorMixin):
         images=None,
         videos=None,
         audio=None,
-        **kwargs,
+        **kwargs: Unpack[EveProcessorKwargs],
     ) -> BatchFeature:
         """Settings go flat (`padding=...`, `return_teacher=True`) or by modality
         (`text_kwargs={...}`, `images_kwargs={...}`); a setting given both ways, or one that is
-        not in EveTextKwargs / EveImagesKwargs, is an error."""
+        not in EveTextKwargs / EveImagesKwargs, is an error. Defaults, lowest first: left padding,
+        the tokenizer's own init settings (e.g. `padding="max_length"`, `max_length`) and the image
+        processor's attributes, then what the call says."""
         if text is None:
             raise ValueError("EveProcessor needs `text` (use the image processor alone for images only)")
         if videos is not None or audio is not None:
             raise ValueError("EVE reads images and text; videos and audio are not supported (pass video frames as images)")
-        merged = self._merge_kwargs(EveProcessorKwargs, **_checked_kwargs(kwargs))
+        # read here: transformers 5.17 does not know this flat setting, later ones mirror it into text_kwargs
+        mm_token_types = kwargs.pop("return_mm_token_type_ids", False)
+        if "return_mm_token_type_ids" in kwargs.get("text_kwargs", {}):
+            kwargs["text_kwargs"] = dict(kwargs["text_kwargs"])  # the caller's dict stays as it was
+            mm_token_types = kwargs["text_kwargs"].pop("return_mm_token_type_ids") or mm_token_types
+        merged = self._merge_kwargs(EveProcessorKwargs, tokenizer_init_kwargs=self._tokenizer_defaults(),
+                                    **_checked_kwargs(kwargs))
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
         images_kwargs.pop("return_tensors", None)
+        truncation = text_kwargs.pop("truncation", None)
         texts = [text] if isinstance(text, str) else list(text)
         per_text = _images_per_text(texts, images)
         data = {}
@@ -346,8 +385,22 @@ class EveProcessor(ProcessorMixin):
         else:  # one batched call
             encoded = self.tokenizer(texts, add_special_tokens=special)["input_ids"]
         ids = [expand_image_tokens(seq, self.image_token_id, c) for seq, c in zip(encoded, counts)]
+        if truncation not in (None, False, "do_not_truncate") and text_kwargs.get("max_length") is not None:
+            side = getattr(self.tokenizer, "truncation_side", "right")
+            ids = [truncate_text(seq, text_kwargs["max_length"], self.image_token_id, side, i) for i, seq in enumerate(ids)]
+        if text_kwargs.get("padding") != "max_length":
+            text_kwargs.pop("max_length", None)  # it bounded truncation only
         data.update(self.tokenizer.pad({"input_ids": ids}, return_tensors=None, **text_kwargs))
+        if mm_token_types:  # 1 at image tokens, as serving engines read them
+            data["mm_token_type_ids"] = [[int(t == self.image_token_id) for t in seq] for seq in data["input_ids"]]
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _tokenizer_defaults(self) -> dict:
+        """The settings the tokenizer was made with, which take precedence over the processor's
+        defaults, as in transformers' processors; except its padding side: saved tokenizers
+        often say right (Vicuna's does), and batched generation needs left padding, so left
+        stays unless a call says otherwise."""
+        return {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """Decoded texts of generated ids (image tokens never reach the text)."""

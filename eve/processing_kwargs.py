@@ -12,9 +12,11 @@ class EveImagesKwargs(TypedDict, total=False):
 
     return_teacher: bool  # also the teacher's copies (training)
     pad_to_square: bool  # the reference's square canvas + mask channel
-    image_mean: list[float]
-    image_std: list[float]
-    rescale_factor: float
+    do_rescale: bool
+    rescale_factor: int | float
+    do_normalize: bool
+    image_mean: float | list[float] | tuple[float, ...]
+    image_std: float | list[float] | tuple[float, ...]
     resample: int
     max_pixels: int | None
     canvas_fill: list[int] | None
@@ -22,11 +24,13 @@ class EveImagesKwargs(TypedDict, total=False):
 
 
 class EveTextKwargs(TypedDict, total=False):
-    """What EveProcessor honours for the text (`text_kwargs`). No truncation: an image is never cut."""
+    """What EveProcessor honours for the text (`text_kwargs`). Truncation cuts text only: a cut
+    that would remove any image token is an error (an image is never cut, SPEC 1.3)."""
 
     add_special_tokens: bool
     padding: bool | str
     padding_side: str
+    truncation: bool | str | None
     pad_to_multiple_of: int | None
     max_length: int | None
     return_attention_mask: bool
@@ -34,5 +38,11 @@ class EveTextKwargs(TypedDict, total=False):
 
 
 class EveProcessorKwargs(ProcessingKwargs, total=False):
+    # Lowest-priority defaults: left padding for batched generation, tensors. transformers 5.17
+    # reads them here; later versions read EveProcessor's class attributes, which are these.
+    _defaults = {
+        "text_kwargs": {"padding": True, "padding_side": "left", "add_special_tokens": True, "return_tensors": "pt"},
+        "images_kwargs": {"return_tensors": "pt"},
+    }
     text_kwargs: EveTextKwargs
     images_kwargs: EveImagesKwargs

@@ -80,8 +80,8 @@ def test_processor_conventions(processor):
     assert right["attention_mask"][0, -1] == 0 and processor(text=["a", "a b c d"])["attention_mask"][0, 0] == 0
     with pytest.raises(ValueError, match="passed two times"):
         processor(text="hi", padding=True, text_kwargs={"padding": False})
-    with pytest.raises(TypeError, match="truncation"):
-        processor(text="hi", truncation=True)  # would cut images: not offered
+    with pytest.raises(TypeError, match="stride"):
+        processor(text="hi", stride=2)  # overflowing windows would cut images: not offered
     with pytest.raises(TypeError, match="crop_size"):
         processor(text=f"{IMAGE}\nhi", images=[image], images_kwargs={"crop_size": 8})
     with pytest.raises(TypeError, match="image_size"):
@@ -204,11 +204,16 @@ def test_beams_with_several_images_per_prompt(model, processor):
     images = [random_image(40, 20), random_image(20, 40, 1), random_image(30, 30, 2)]
     inputs = processor(text=[f"{IMAGE}\n{IMAGE}\nCompare.", f"{IMAGE}\nWhat?"], images=images)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2, num_return_sequences=2,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+        prefill = model(**inputs).logits[:, -1]  # each prompt's next-token logits, images in their own order
         alone = model.generate(**processor(text=[f"{IMAGE}\nWhat?"], images=images[2:]), max_new_tokens=3, min_new_tokens=3,
                                num_beams=2, num_return_sequences=2, do_sample=False)
-    assert out.shape[0] == 4
-    assert torch.equal(out[2:, -3:], alone[:, -3:])  # the second prompt's beams as if it were alone
+    assert out.sequences.shape[0] == 4
+    # every beam starts from its own prompt with its own images (a swapped image moves these logits)
+    vocab = prefill.shape[-1]
+    torch.testing.assert_close(out.logits[0][:, :vocab], prefill.repeat_interleave(2, dim=0))
+    assert torch.equal(out.sequences[2:, -3:], alone[:, -3:])  # the second prompt's beams as if it were alone
 
 
 class _Logits(torch.nn.Module):
