@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from demo.world import COLOURS, COUNT_WORDS, KINDS, TRAIN_ASPECTS, Scene, render, sample_scene
 from eval.tasks.base import SHORT_ANSWER
 from eve.templates import get_template
 from eve.testing import make_tiny_tokenizer, save_open_clip
-from train.trainer import cosine_with_warmup
 
 TOKENIZER_VOCAB = 1000
 
@@ -57,7 +57,7 @@ def make_decoder(out: Path, config: dict, steps: int, seed: int, batch_size: int
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**cfg, "vocab_size": len(tokenizer)}))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(steps, warmup=20))
+    sched = get_cosine_schedule_with_warmup(opt, 20, steps)
     encoded = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in corpus]
     losses = []
     model.train()
@@ -112,7 +112,7 @@ def make_teacher(out: Path, tokenizer, image_processor, images: int, steps: int,
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(steps, warmup=20))
+    sched = get_cosine_schedule_with_warmup(opt, 20, steps)
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc="teacher: contrastive training", unit="step"):

@@ -32,7 +32,7 @@ def cmd_run(args) -> None:
 
     import eve  # noqa: F401
     from eval.robustness import run_sweep
-    from eval.runner import run_items, settings_hash, summarize, write_summary
+    from eval.runner import model_fingerprint, run_items, settings_hash, summarize, write_summary
     from eval.tasks import get_task
 
     task = get_task(args.task)
@@ -45,7 +45,10 @@ def cmd_run(args) -> None:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
-    settings = {"model": str(Path(args.model).resolve()), "task": task.name, "options": options, "template": args.template,
+    # keyed by the weights, not the path: a model retrained into the same folder gets its own records
+    weights = model_fingerprint(args.model, getattr(model.config, "_commit_hash", None))
+    settings = {"model": str(Path(args.model).resolve()), "weights": weights, "task": task.name, "options": options,
+                "template": args.template,
                 "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "questions": str(Path(args.questions).resolve())}
     run_dir = Path(args.out) / f"{task.name}-{settings_hash(settings)}"
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from eve.processing_eve import IMAGE_TOKEN
 from eve.templates import get_template
@@ -86,24 +85,14 @@ def split_gen_kwargs(gen_kwargs: dict | None, default_max_new_tokens: int = DEFA
 
 
 def truncate_at_stop(text: str, until: Sequence[str]) -> str:
-    """Cut `text` at the first occurrence of any stop string."""
+    """Cut `text` at the first occurrence of any stop string (generate(stop_strings=...) stops
+    after it and keeps it)."""
     cut = len(text)
     for stop in until:
         i = text.find(stop)
         if i != -1:
             cut = min(cut, i)
     return text[:cut]
-
-
-class _StopStrings(StoppingCriteria):
-    """Stop each row once its generated text holds one of the stop strings."""
-
-    def __init__(self, tokenizer, until: Sequence[str], prompt_len: int):
-        self.tokenizer, self.until, self.prompt_len = tokenizer, list(until), prompt_len
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=True)
-        return torch.tensor([any(u in t for u in self.until) for t in texts], device=input_ids.device)
 
 
 def _device(model) -> torch.device:
@@ -119,9 +108,9 @@ def generate_batch(model, processor, contexts: Sequence[str], visuals: Sequence[
     images = [list(v) for v in visuals] if any(visuals) else None
     inputs = processor(text=prompts, images=images, return_tensors="pt").to(_device(model))
     prompt_len = inputs["input_ids"].shape[1]
-    if until:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(processor.tokenizer, until, prompt_len)])
     tok = processor.tokenizer
+    if until:  # generate stops each row after a stop string; the text is cut before it below
+        kwargs.update(stop_strings=list(until), tokenizer=tok)
     with torch.no_grad():
         out = model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     texts = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)

@@ -28,6 +28,31 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def model_fingerprint(model: str | Path, commit_hash: str | None = None) -> str:
+    """What identifies the model an evaluation ran: a hash of a local folder's config.json and
+    weight files (their bytes; a model retrained into the same folder gets another one), or the
+    hub revision a hub id was loaded at. Records are keyed by it, never by the path alone."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"hub:{model}@{commit_hash or 'unknown'}"
+    files = [path / "config.json", *sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)]
+    digest = hashlib.sha256()
+    total = sum(f.stat().st_size for f in files if f.exists())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprint", disable=total < 2**30) as bar:
+        for f in files:
+            if not f.exists():
+                continue
+            digest.update(f.name.encode() + b"\0")
+            with open(f, "rb") as handle:
+                while chunk := handle.read(2**24):
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    return digest.hexdigest()[:16]
+
+
 def _bucket(value: float, buckets) -> str:
     return next(name for lo, hi, name in buckets if lo <= value < hi)
 

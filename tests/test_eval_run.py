@@ -129,6 +129,25 @@ def test_corrupt_image_is_an_error_record_and_rerun_resumes(benchmarks, checkpoi
     assert summary["errors"] == 1 and summary["items"] == 6
 
 
+def test_a_model_retrained_into_the_same_folder_gets_its_own_records(benchmarks, checkpoint, tiny_llama_dir, tmp_path):
+    import shutil
+
+    from eve.build import build_eve
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder)
+    first = _run("vqav2", benchmarks["vqav2"], folder, tmp_path / "a")
+    build_eve(str(tiny_llama_dir), "debug", seed=1)[0].save_pretrained(folder)  # "retrained": other weights, same path
+    out = tmp_path / "a"
+    eval_main(["run", "--model", str(folder), "--task", "vqav2", "--out", str(out), "--batch-size", "3", "--max-new-tokens", "3",
+               "--questions", str(benchmarks["vqav2"]["questions"]), "--annotations", str(benchmarks["vqav2"]["annotations"]),
+               "--images", str(benchmarks["vqav2"]["images"])])
+    second = [p for p in out.iterdir() if p != first]
+    assert len(second) == 1, "the retrained model reused the old model's records"
+    settings = [json.loads((d / "settings.json").read_text()) for d in (first, second[0])]
+    assert settings[0]["model"] == settings[1]["model"] and settings[0]["weights"] != settings[1]["weights"]
+
+
 def test_score_subcommand_needs_no_model(benchmarks, tmp_path, capsys):
     preds = tmp_path / "preds.jsonl"
     preds.write_text("".join(json.dumps({"question_id": i, "answer": "Red." if i < 3 else "blue"}) + "\n" for i in range(6)) + "not json\n")

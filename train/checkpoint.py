@@ -69,6 +69,38 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+# Fields a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = {"max_steps", "num_workers", "log_every", "save_every", "keep_last", "gradient_checkpointing"}
+
+
+def check_resume_config(out: Path, config: dict, allow_change: bool) -> list[str]:
+    """The fields in which `config` differs from the one the run in `out` was started with
+    (a dotted name per changed entry). A run with a complete checkpoint refuses a changed config
+    unless `allow_change`: resuming it would silently mix two runs."""
+    saved_path = out / "train_config.json"
+    if not complete_checkpoints(out / "checkpoints") or not saved_path.exists():
+        return []
+    saved = json.loads(saved_path.read_text())
+    changed = [f"{key}: {before!r} -> {after!r}" for key, before, after in _diff(saved, json.loads(json.dumps(config)))
+               if key.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed and not allow_change:
+        raise ValueError(
+            f"{out} holds a run started with another config, which resuming would mix with this one; changed: "
+            + "; ".join(changed) + ". Use another output_dir, or pass --allow_config_change to resume anyway"
+        )
+    if changed:
+        log.warning("resuming %s with a changed config (--allow_config_change): %s", out, "; ".join(changed))
+    return changed
+
+
+def _diff(a, b, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip("."), a, b
+
+
 def load_latest(engine, ckpt_dir: Path) -> dict | None:
     """Resume from the newest readable checkpoint; None if there is none to resume from."""
     candidates = complete_checkpoints(ckpt_dir)

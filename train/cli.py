@@ -1,35 +1,41 @@
 """eve-train: run one EVE training stage.
 
-    eve-train --stage 1 --config stage1_eve7b [--set key=value ...]
+    eve-train --stage 1 --config stage1_eve7b [--set key=value ...] [--lr_vision 1e-3 ...]
     deepspeed --num_gpus 8 -m train.cli --stage 2 --config stage2_eve7b
     torchrun --nproc_per_node 2 -m train.cli --stage 3 --config my_stage3.json
 
---config is a JSON file or the name of a shipped one in train/configs/. Without a launcher it
-runs as a single process (gloo on CPU). Re-running the same command resumes from the last
-complete checkpoint in output_dir/checkpoints.
+--config is a JSON file or the name of a shipped one in train/configs/; --stage must agree with
+it. Every field below can be overridden by its own option or by --set (a dotted key sets one
+entry of a nested dict: --set flavor_overrides.image_size=1344, --set lora.r=8). Without a
+launcher it runs as a single process (gloo on CPU). Re-running the same command resumes from
+the last complete checkpoint in output_dir/checkpoints; a changed config is refused there
+unless --allow_config_change.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import sys
 
-from train.config import TrainConfig
+from train.config import build_parser, parse_train_config
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="eve-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, choices=[1, 2, 3], required=True, help="1 pre-align, 2 generative pre-training, 3 SFT")
-    parser.add_argument("--config", required=True, help="stage config: a JSON path or a name in train/configs/")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (JSON value), e.g. --set lr_vision=1e-3 --set max_steps=20")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's; LOCAL_RANK holds it too
+    if not argv or "-h" in argv or "--help" in argv:
+        build_parser(description=__doc__).print_help()
+        return
+    if "--stage" not in argv and not any(a.startswith("--stage=") for a in argv):
+        raise SystemExit("eve-train: --stage is required (1, 2 or 3), and must agree with the config's")
+    try:
+        cfg, allow_change = parse_train_config(argv, description=__doc__)
+    except ValueError as e:
+        raise SystemExit(f"eve-train: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig.load(args.config, [f"stage={args.stage}", *args.overrides])
     from train.trainer import train
 
-    final = train(cfg)
+    final = train(cfg, allow_config_change=allow_change)
     print(f"eve-train: stage {cfg.stage} done; model in {final}")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -73,23 +72,16 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
     return ds
 
 
-def cosine_with_warmup(total: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) one stage; returns the exported inference model directory."""
+def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
+    """Run (or resume) one stage; returns the exported inference model directory. A run in
+    `output_dir` started with another config is not resumed unless `allow_config_change`."""
     import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
 
-    dist = init_distributed()
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    checkpoint.check_resume_config(out, cfg.to_dict(), allow_config_change)
+    dist = init_distributed()
     torch.manual_seed(cfg.seed)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -118,7 +110,7 @@ def train(cfg: TrainConfig) -> Path:
         raise ValueError(f"{len(dataset)} samples make no full global batch of {cfg.global_batch_size}")
     total_steps = cfg.total_steps or steps_per_epoch * cfg.epochs  # the sampler reshuffles at each epoch's end
     optimizer = torch.optim.AdamW(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, max(1, round(cfg.warmup_ratio * total_steps))))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dist.world_size, bf16)
     )
