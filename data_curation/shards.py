@@ -9,14 +9,13 @@ and memory stays bounded by a shard.
 A stage folder also holds `settings.json` (what the stage was asked to do, with a fingerprint of
 the stage it read from): re-running with other settings is refused instead of mixing shards made
 two ways. `done.json` marks a finished stage and holds its counts. A lock file keeps two runs
-from writing the same shards at once (it is released by the kernel when a process dies).
+from writing the same shards at once (filelock's; released by the kernel when a process dies, and
+never held by the worker processes a run forks, so `kill -9` of a run never blocks the re-run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from filelock import FileLock, ReadWriteLock, Timeout
 
 log = logging.getLogger("eve-curate")
 
@@ -230,31 +230,39 @@ class StageDir:
 @contextlib.contextmanager
 def run_lock(out: Path, stage: str, part: Part = Part()) -> Iterator[None]:
     """One writer per stage (or per part of a split stage). A run without --part excludes every
-    other run on the same output; runs of different parts of one stage may run side by side."""
+    other run on the same output; runs of different parts of one stage may run side by side.
+    Never waits: a held lock is refused at once with a CurationError.
+
+    All filelock, nothing hand-written: the output's lock is a `ReadWriteLock` (an SQLite
+    transaction, i.e. POSIX record locks; shared for a part, exclusive for a whole stage), a part's
+    own lock a `FileLock` (flock). The kernel drops both when the process dies (kill -9 included),
+    and neither stays held by the workers a stage forks: POSIX locks are not inherited, and
+    FileLock closes its descriptor in forked children (filelock >= 3.30). The bare `fcntl.flock`
+    used before was inherited by filtering's pool, whose orphans kept the lock after kill -9 and
+    got the re-run refused. `is_singleton=False`: with the default, a second run_lock in the same
+    process would nest in the first one's hold instead of being refused.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    handles = []
-    try:
-        handles.append(_flock(out / ".eve-curate.lock", exclusive=part.whole, what=f"{stage} on {out}"))
+    with contextlib.ExitStack() as held:
+        path = out / ".eve-curate.lock"
+        lock = ReadWriteLock(path, is_singleton=False)
+        held.callback(lock.close)  # releases the hold, closes the database
+        acquire = lock.acquire_write if part.whole else lock.acquire_read
+        _acquire(lambda: acquire(blocking=False), path, f"{stage} on {out}")
         if not part.whole:
             (out / stage).mkdir(exist_ok=True)
-            lock = out / stage / f".lock-part-{part.index}-of-{part.count}"
-            handles.append(_flock(lock, exclusive=True, what=f"{stage} part {part} on {out}"))
+            path = out / stage / f".lock-part-{part.index}-of-{part.count}"
+            part_lock = FileLock(path, blocking=False)
+            _acquire(part_lock.acquire, path, f"{stage} part {part} on {out}")
+            held.callback(part_lock.release)
         yield
-    finally:
-        for h in reversed(handles):
-            h.close()  # closing the descriptor releases the lock
 
 
-def _flock(path: Path, exclusive: bool, what: str):
-    handle = open(path, "a")
+def _acquire(acquire, path: Path, what: str) -> None:
     try:
-        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except OSError as e:
-        handle.close()
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise CurationError(f"another eve-curate is running {what} (lock {path}); wait for it or stop it") from None
-        raise
-    return handle
+        acquire()
+    except Timeout:
+        raise CurationError(f"another eve-curate is running {what} (lock {path}); wait for it or stop it") from None
 
 
 def _differences(have: dict, wanted: dict, prefix: str = "") -> list[str]:

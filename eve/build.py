@@ -31,20 +31,14 @@ def build_eve(
 ) -> tuple[EveForCausalLM, EveProcessor]:
     """A new EVE around the decoder at `decoder` (path or hub id), with `flavor`'s vision front
     end (any EveConfig field can be overridden). Returns (model, processor)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     language_model = AutoModelForCausalLM.from_pretrained(
         decoder, dtype=dtype or "auto", attn_implementation=attn_implementation or default_attn_implementation()
     )
-    tokenizer = AutoTokenizer.from_pretrained(decoder)
-    config = EveConfig.from_flavor(flavor, **overrides)
     # The loaded decoder's own config object (building an EveConfig around it would reset its
-    # attention implementation); the inference checkpoint follows the decoder on tying.
-    config.text_config = language_model.config
-    config.tie_word_embeddings = bool(language_model.config.tie_word_embeddings)
-    processor = EveProcessor(EveImageProcessor.from_config(config), tokenizer)
-    config.image_token_id = processor.image_token_id
-
+    # attention implementation).
+    config, processor = eve_config_for_decoder(decoder, flavor, language_model.config, **overrides)
     with torch.device("meta"):  # the decoder is already loaded: allocate nothing twice
         model = EveForCausalLM(config)
     torch.manual_seed(seed)
@@ -54,6 +48,19 @@ def build_eve(
     model.set_input_embeddings(language_model.get_input_embeddings())  # takes the image token's id too
     model.generation_config = language_model.generation_config
     return model, processor
+
+
+def eve_config_for_decoder(decoder: str, flavor: str, decoder_config, **overrides) -> tuple[EveConfig, EveProcessor]:
+    """The EveConfig and processor of a new EVE around `decoder` (whose config is given): the
+    tokenizer gains the `<image>` token, whose id becomes `config.image_token_id`."""
+    from transformers import AutoTokenizer
+
+    config = EveConfig.from_flavor(flavor, **overrides)
+    config.text_config = decoder_config
+    config.tie_word_embeddings = bool(decoder_config.tie_word_embeddings)  # the checkpoint ties as the decoder does
+    processor = EveProcessor(EveImageProcessor.from_config(config), AutoTokenizer.from_pretrained(decoder))
+    config.image_token_id = processor.image_token_id
+    return config, processor
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,10 +44,14 @@ class ImageTokenEmbedding(nn.Embedding):
         if isinstance(embedding, cls):
             embedding.image_token_id = image_token_id
             return embedding
-        safe = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
-        safe.weight = embedding.weight  # shared: tying and loading see the same parameter
-        safe.image_token_id = image_token_id
-        return safe
+        if type(embedding) is not nn.Embedding:  # a subclass's own forward (e.g. a scaled embedding) would be lost
+            raise TypeError(f"EVE takes the image id through the decoder's nn.Embedding; got {type(embedding).__name__}")
+        # The same module, re-classed: no new parameter (tying, loading and ZeRO-3 partitions see
+        # the one they know) and no new module (building one under zero.Init on the meta device
+        # leaves DeepSpeed's init hooks installed).
+        embedding.__class__ = cls
+        embedding.image_token_id = image_token_id
+        return embedding
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return super().forward(input_ids.masked_fill(input_ids == self.image_token_id, 0))

@@ -135,19 +135,17 @@ class EveForAlignedTraining(nn.Module):
         **kwargs,
     ) -> AlignedOutput:
         config = self.model.config
-        if self.pal is None:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
-                             image_sizes=image_sizes, use_cache=False, **kwargs)
-            return AlignedOutput(out.loss, out.loss, out.loss.new_zeros(()), out.logits)
-        features = self.model.get_image_features(pixel_values, image_sizes) if pixel_values is not None else None
+        features, embeds = self._embed(input_ids, pixel_values, image_sizes)
         out = self.model(
-            inputs_embeds=self.model.embed_inputs(input_ids, features),
+            inputs_embeds=embeds,
             attention_mask=attention_mask,
             labels=None if labels is None else labels.masked_fill(input_ids == config.image_token_id, -100),
-            output_hidden_states=True,
+            output_hidden_states=self.pal is not None,
             use_cache=False,
             **kwargs,
         )
+        if self.pal is None:
+            return AlignedOutput(out.loss, out.loss, out.loss.new_zeros(()), out.logits)
         if features is None:
             # Text-only batch: run the PAL on nothing so every rank touches the same parameters
             # (ZeRO-3 gathers them in forward hooks), and add exactly 0.
@@ -163,3 +161,25 @@ class EveForAlignedTraining(nn.Module):
             pal_loss = cosine_alignment_loss(self.pal(states), target, counts)
         lm_loss = out.loss if out.loss is not None else pal_loss.new_zeros(())
         return AlignedOutput(lm_loss + self.pal_weight * pal_loss, lm_loss, pal_loss, out.logits)
+
+    def _embed(self, input_ids, pixel_values, image_sizes) -> tuple[ImageFeatures | None, torch.Tensor]:
+        """(image features, input embeddings with the visual tokens in place).
+
+        Shaped for ZeRO-3, which gathers parameters in forward hooks, hooks every tensor a module
+        returns for its backward, and requires every rank to run the same modules in the same
+        order, forward and backward (a rank whose order changed re-traces alone, with a
+        collective the others never join: a hang). So the visual tokens enter only through
+        `last_hidden_state`, one tensor whatever the number of images (the per-image views are
+        re-cut from it), and a micro-batch without images still runs the vision front end, first
+        and into the embeddings, on one blank image of the smallest size, adding exactly 0. The
+        zero gradients that adds are what DeepSpeed's flat buffers hold for an unused parameter
+        anyway: the training numbers do not change."""
+        if pixel_values is None:
+            side = 2 * self.model.config.patch_size
+            blank = torch.zeros(1, 3, side, side, device=input_ids.device)
+            zero = self.model.get_image_features(blank, torch.tensor([[side, side]], device=input_ids.device)).last_hidden_state.sum() * 0.0
+            return None, self.model.get_input_embeddings()(input_ids) + zero
+        raw = self.model.get_image_features(pixel_values, image_sizes)
+        tokens = raw.last_hidden_state
+        features = ImageFeatures(last_hidden_state=tokens, pooler_output=tuple(tokens.split(raw.lengths)), grids=raw.grids)
+        return features, self.model.embed_inputs(input_ids, features)

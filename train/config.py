@@ -168,6 +168,9 @@ class TrainConfig:
             raise ValueError("global_batch_size must be a multiple of micro_batch_size")
         if self.lora is not None and self.lr_decoder <= 0:
             raise ValueError("lora trains the decoder's adapters at lr_decoder, which is 0: set lr_decoder > 0")
+        if self.lora is not None and self.lora.quantize and (self.zero_stage == 3 or self.init_is_decoder):
+            raise ValueError("lora.quantize loads a saved EVE (not init_is_decoder) with zero_stage 0-2: "
+                             "quantised weights cannot be ZeRO-3 partitions")
 
     @property
     def trains_decoder(self) -> bool:

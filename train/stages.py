@@ -13,9 +13,15 @@ from torch import nn
 from eve.modeling_eve import EveForCausalLM
 
 
-def parameter_groups(model: EveForCausalLM, pal: nn.Module | None, lr_vision: float, lr_decoder: float, weight_decay: float) -> list[dict]:
-    vision = list(model.vision.parameters()) + (list(pal.parameters()) if pal is not None else [])
+def parameter_groups(model: EveForCausalLM, pal: nn.Module | None, lr_vision: float, lr_decoder: float, weight_decay: float,
+                     adapters_only: bool = False) -> list[dict]:
+    """With `adapters_only` (LoRA) PEFT has already frozen what stays frozen: the groups take only
+    what it left trainable (the adapters; the vision front end's trained copy)."""
+    vision = list(model.vision.parameters())
     decoder = list(model.language_model.parameters())
+    if adapters_only:
+        vision, decoder = [p for p in vision if p.requires_grad], [p for p in decoder if p.requires_grad]
+    vision += list(pal.parameters()) if pal is not None else []
     groups = []
     for name, params, lr in (("vision", vision, lr_vision), ("decoder", decoder, lr_decoder)):
         for p in params:

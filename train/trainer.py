@@ -26,8 +26,11 @@ from train import checkpoint
 from train.config import CONFIG_DIR, TrainConfig
 from train.data import EveDataset, ResumableSampler, collate
 from train.distributed import DistInfo, all_true, init_distributed, sum_across
+from train.export import save_sharded
+from train.lora import apply_lora, export_adapter, export_merged, merge_adapter, quantization_config
 from train.metrics import MetricsLog, memory_gb, peak_flops, plot_losses
 from train.packing import collate_packed, wants_flat_batch
+from train.partitioned import build_partitioned
 from train.stages import parameter_groups
 
 log = logging.getLogger("eve.train")
@@ -37,13 +40,28 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def load_start(cfg: TrainConfig) -> tuple[EveForCausalLM, EveProcessor]:
+def load_start(cfg: TrainConfig, dist: DistInfo, ds_config: dict, dtype: torch.dtype) -> tuple[EveForCausalLM, EveProcessor]:
+    """The model the stage starts from, and its processor: partitioned from the start under
+    ZeRO-3, with quantised decoder weights for QLoRA, else loaded whole."""
+    if cfg.zero_stage == 3:
+        return build_partitioned(cfg.init_from, cfg.init_is_decoder, cfg.flavor, cfg.flavor_overrides,
+                                 cfg.attn_implementation, cfg.seed, dtype, ds_config)
     if cfg.init_is_decoder:
         return build_eve(cfg.init_from, cfg.flavor, attn_implementation=cfg.attn_implementation, seed=cfg.seed, **cfg.flavor_overrides)
     from transformers import AutoProcessor
 
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
-    return EveForCausalLM.from_pretrained(cfg.init_from, **kwargs), AutoProcessor.from_pretrained(cfg.init_from)
+    if cfg.lora is not None and cfg.lora.quantize:
+        if dist.device.type != "cuda":
+            raise RuntimeError(f"lora.quantize={cfg.lora.quantize!r} needs CUDA (bitsandbytes); this run is on {dist.device}")
+        from peft import prepare_model_for_kbit_training
+
+        model = EveForCausalLM.from_pretrained(cfg.init_from, quantization_config=quantization_config(cfg.lora, dtype),
+                                               device_map={"": dist.local_rank}, dtype=dtype, **kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # checkpointing is set below
+    else:
+        model = EveForCausalLM.from_pretrained(cfg.init_from, **kwargs)
+    return model, AutoProcessor.from_pretrained(cfg.init_from)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -86,7 +104,9 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
 
-    model, processor = load_start(cfg)
+    ds_config = deepspeed_config(cfg, dist.world_size, bf16)
+    model, processor = load_start(cfg, dist, ds_config, dtype)
+    peft_model = apply_lora(model, cfg.lora, lora_base(cfg.init_from)) if cfg.lora is not None else None
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     module = EveForAlignedTraining(model, cfg.pal_weight, use_pal=cfg.pal)
@@ -97,7 +117,7 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
         loaded = load_pal(module.pal, cfg.init_from)
         if loaded is not None and dist.is_main:
             log.info("PAL weights from %s", loaded)
-    groups = parameter_groups(model, module.pal, cfg.lr_vision, cfg.lr_decoder, cfg.weight_decay)
+    groups = parameter_groups(model, module.pal, cfg.lr_vision, cfg.lr_decoder, cfg.weight_decay, adapters_only=peft_model is not None)
     teacher = None
     if cfg.pal:
         name = cfg.teacher or model.config.teacher_model
@@ -112,7 +132,7 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     optimizer = torch.optim.AdamW(groups, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dist.world_size, bf16)
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
 
     state = {"step": 0, "samples_consumed": 0, "skipped": {}, "truncated_samples": 0}
@@ -138,7 +158,7 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     _loop(cfg, dist, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model)
     if metrics is not None:
         metrics.close()
-    return _export(cfg, dist, engine, model, processor, out, state["step"] >= total_steps)
+    return _export(cfg, dist, model, peft_model, processor, out, state["step"] >= total_steps)
 
 
 def _loop(cfg, dist: DistInfo, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model):
@@ -207,19 +227,32 @@ def _log(cfg, dist, engine, window, state, metrics, bar, model):
     window.update(loss=0.0, lm_loss=0.0, pal_loss=0.0, micro=0, tokens=0, images=0, seq=0, data_wait=0.0, start=time.time())
 
 
-def _export(cfg, dist, engine, model, processor, out: Path, finished: bool) -> Path:
-    """The inference checkpoint (no PAL, no teacher) that AutoModelForCausalLM loads."""
+def lora_base(init_from: str) -> str:
+    """Where an adapter export finds its base model: an absolute path for a local folder."""
+    return str(Path(init_from).resolve()) if Path(init_from).is_dir() else init_from
+
+
+def _export(cfg, dist, model, peft_model, processor, out: Path, finished: bool) -> Path:
+    """The inference checkpoint (no PAL, no teacher) that AutoModelForCausalLM loads: the model,
+    the merged model, or the LoRA adapter, streamed into 5 GB shards (gathered layer by layer
+    under ZeRO-3)."""
     final = out / "final"
     if not finished:
         return final
-    params = list(model.parameters()) if cfg.zero_stage == 3 else []
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
-        if dist.is_main:
-            model.save_pretrained(final)
-            processor.save_pretrained(final)
-            (final / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            plot_losses(out / "metrics.jsonl", out / "loss.png", f"stage {cfg.stage}")
+    zero3 = cfg.zero_stage == 3
+    if peft_model is None:
+        save_sharded(model, final, dist.is_main, zero3)
+    elif cfg.lora.merge and cfg.lora.quantize:
+        export_adapter(peft_model, final / "adapter", dist.is_main, zero3)
+        if dist.is_main:  # merging into quantised weights would round the update away: merge onto the full base
+            merge_adapter(cfg.init_from, final / "adapter", final)
+    elif cfg.lora.merge:
+        export_merged(peft_model, final, dist.is_main, zero3)
+    else:
+        export_adapter(peft_model, final, dist.is_main, zero3)
+    if dist.is_main:
+        processor.save_pretrained(final)
+        (final / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        plot_losses(out / "metrics.jsonl", out / "loss.png", f"stage {cfg.stage}")
     torch.distributed.barrier()
     return final

