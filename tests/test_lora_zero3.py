@@ -124,3 +124,46 @@ def test_zero3_two_processes_export_equals_the_consolidated_checkpoint(tmp_path,
         assert torch.equal(value, consolidated[key]), key
     reloaded = EveForCausalLM.from_pretrained(out / "final")
     assert reloaded.num_parameters() > 0
+
+
+def test_lora_kill_9_then_rerun_resumes_exactly(tmp_path, data, base):
+    common = dict(lora=LORA, epochs=2, save_every=1)
+    straight = config(tmp_path / "a", data, 3, str(base), **common)
+    ref = subprocess.run(_cli(straight, tmp_path, [sys.executable]), env=_env(), capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = config(tmp_path / "b", data, 3, str(base), **common)
+    cmd = _cli(killed, tmp_path, [sys.executable])
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    ckpt = Path(killed.output_dir) / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(ckpt.glob("step-*/complete.json"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(ckpt.glob("step-*/complete.json")) and not (Path(killed.output_dir) / "final").exists()
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _losses(Path(killed.output_dir)) == _losses(Path(straight.output_dir))
+    a, b = _weights(Path(straight.output_dir) / "final"), _weights(Path(killed.output_dir) / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_settings_are_checked(tmp_path, data, base):
+    with pytest.raises(ValueError, match="lr_decoder"):
+        config(tmp_path, data, 3, str(base), lora=LORA, lr_decoder=0.0)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        config(tmp_path, data, 3, str(base), lora={**LORA, "quantize": "4bit"}, zero_stage=3)
+    with pytest.raises(ValueError, match="quantize"):
+        config(tmp_path, data, 3, str(base), lora={**LORA, "quantize": "2bit"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes QLoRA needs CUDA")
+def test_qlora_4bit_trains_adapters_over_quantised_decoder(tmp_path, data, base):
+    pytest.importorskip("bitsandbytes")
+    cfg = config(tmp_path, data, 3, str(base), lora={**LORA, "quantize": "4bit", "merge": True}, epochs=1, precision="bf16")
+    final = train(cfg)
+    merged = EveForCausalLM.from_pretrained(final)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert (final / "adapter" / "adapter_config.json").is_file()

@@ -1,7 +1,7 @@
 """eve-train: run one EVE training stage.
 
     eve-train --stage 1 --config stage1_eve7b [--set key=value ...] [--lr_vision 1e-3 ...]
-    deepspeed --num_gpus 8 -m train.cli --stage 2 --config stage2_eve7b
+    deepspeed --num_gpus 8 --module train.cli --stage 2 --config stage2_eve7b
     torchrun --nproc_per_node 2 -m train.cli --stage 3 --config my_stage3.json
 
 --config is a JSON file or the name of a shipped one in train/configs/; --stage must agree with

@@ -25,6 +25,46 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _host_peak_bytes() -> int:
+    """This process's peak resident memory since start or the last reset (Linux VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # never reset: a bound, not a phase figure
+
+
+class PhaseMemory:
+    """Peak memory of this rank per phase of a run (start-up, train, export): host RSS, and device
+    memory on CUDA. Start-up and export are where ZeRO-3 runs used to run out of memory, and
+    where the gains of partitioned construction and streamed export show. The host peak is reset
+    between phases through /proc/self/clear_refs (Linux)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, dict] = {}
+
+    def end(self, phase: str) -> None:
+        record = {"host_peak_gb": _host_peak_bytes() / 2**30}
+        if self.device.type == "cuda":
+            record["device_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.phases[phase] = record
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS
+        except OSError:
+            pass
+
+    def write(self, path: Path, is_main: bool) -> None:
+        """memory.json: {phase: [per-rank records]}; every rank must call it."""
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, self.phases)
+        if is_main:
+            path.write_text(json.dumps({phase: [r[phase] for r in ranks] for phase in self.phases}, indent=2) + "\n")
+
+
 class MetricsLog:
     """metrics.jsonl (one line per logged step) and TensorBoard, written by rank 0. On resume the
     file is cut back to the resumed step, so the curve continues without duplicates."""

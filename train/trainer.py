@@ -28,7 +28,7 @@ from train.data import EveDataset, ResumableSampler, collate
 from train.distributed import DistInfo, all_true, init_distributed, sum_across
 from train.export import save_sharded
 from train.lora import apply_lora, export_adapter, export_merged, merge_adapter, quantization_config
-from train.metrics import MetricsLog, memory_gb, peak_flops, plot_losses
+from train.metrics import MetricsLog, PhaseMemory, memory_gb, peak_flops, plot_losses
 from train.packing import collate_packed, wants_flat_batch
 from train.partitioned import build_partitioned
 from train.stages import parameter_groups
@@ -100,6 +100,7 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     ckpt_dir = out / "checkpoints"
     checkpoint.check_resume_config(out, cfg.to_dict(), allow_config_change)
     dist = init_distributed()
+    memory = PhaseMemory(dist.device)
     torch.manual_seed(cfg.seed)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dist.device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -139,6 +140,7 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     resumed = checkpoint.load_latest(engine, ckpt_dir)
     if resumed is not None:  # DeepSpeed adds its own keys to the client state: keep ours
         state = {key: resumed[key] for key in state}
+    memory.end("startup")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -153,12 +155,19 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     loader = DataLoader(
         dataset, batch_size=cfg.micro_batch_size, sampler=sampler, num_workers=cfg.num_workers,
         collate_fn=collate_fn, persistent_workers=cfg.num_workers > 0,
+        # Its own generator: starting an iterator draws a seed for the workers, which from the global
+        # RNG would shift it after a resume (dropout, e.g. LoRA's, would then differ from the straight run).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     last = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     _loop(cfg, dist, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model)
     if metrics is not None:
         metrics.close()
-    return _export(cfg, dist, model, peft_model, processor, out, state["step"] >= total_steps)
+    memory.end("train")
+    final = _export(cfg, dist, model, peft_model, processor, out, state["step"] >= total_steps)
+    memory.end("export")
+    memory.write(out / "memory.json", dist.is_main)
+    return final
 
 
 def _loop(cfg, dist: DistInfo, engine, teacher, loader, state, last, total_steps, ckpt_dir, metrics, dtype, model):
