@@ -167,3 +167,24 @@ def test_qlora_4bit_trains_adapters_over_quantised_decoder(tmp_path, data, base)
     merged = EveForCausalLM.from_pretrained(final)
     assert not any("lora" in k for k in merged.state_dict())
     assert (final / "adapter" / "adapter_config.json").is_file()
+
+
+def test_streamed_shards_are_what_save_pretrained_writes(tmp_path, built):
+    from transformers import AutoModelForCausalLM
+
+    from train.export import save_sharded
+
+    model, _ = built
+    model.save_pretrained(tmp_path / "reference")
+    files = save_sharded(model, tmp_path / "one", is_main=True, zero3=False)
+    assert [f.name for f in files] == ["model.safetensors"]
+    reference, ours = load_file(tmp_path / "reference" / "model.safetensors"), load_file(files[0])
+    assert reference.keys() == ours.keys() and all(torch.equal(reference[k], ours[k]) for k in reference)
+    assert json.loads((tmp_path / "one" / "config.json").read_text()) == json.loads((tmp_path / "reference" / "config.json").read_text())
+
+    shards = save_sharded(model, tmp_path / "many", is_main=True, zero3=False, max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert all(f.stat().st_size < 50_000 + 4096 or len(load_file(f)) == 1 for f in shards)  # a bigger tensor alone
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "many")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))

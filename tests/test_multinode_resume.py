@@ -248,3 +248,13 @@ def test_rank_killed_mid_save_then_rerun_resumes_on_both_ranks_with_the_same_cur
         assert f"rank {rank} resumed from {ckpt / 'step-00000003'} (step 3)" in rerun.stderr, rerun.stderr[-3000:]
     assert _losses(Path(killed.output_dir)) == _losses(Path(straight.output_dir))
     assert len(_losses(Path(straight.output_dir))) == 6
+
+
+def test_a_checkpoint_from_before_rank_files_still_counts(tmp_path):
+    from train.checkpoint import MARKER, _agreed_steps
+
+    old = tmp_path / "step-00000004"  # what earlier versions wrote: DeepSpeed's files and the marker
+    old.mkdir()
+    (old / MARKER).write_text("{}")
+    (tmp_path / "step-00000006").mkdir()  # a partial one beside it
+    assert _agreed_steps(tmp_path) == [4]

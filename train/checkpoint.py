@@ -171,7 +171,10 @@ def _agreed_steps(ckpt_dir: Path) -> list[int]:
     rank = _rank()
     steps = [_step_of(p) for p in ckpt_dir.glob("step-*")] if ckpt_dir.exists() else []
     marked = {s for s in steps if (ckpt_dir / _tag(s) / MARKER).exists()}
-    saved = {s for s in steps if (ckpt_dir / _tag(s) / RANK_FILE.format(rank)).exists()}
+    # A marked step without any rank file was written before rank files existed (rank 0 marked it
+    # after a barrier, on a shared disk): complete as it always was.
+    saved = {s for s in steps if (ckpt_dir / _tag(s) / RANK_FILE.format(rank)).exists()
+             or (s in marked and not any((ckpt_dir / _tag(s)).glob(RANK_FILE.format("*"))))}
     views = _gather((marked, saved))
     complete = [m & s for m, s in views]
     common = set.intersection(*complete)
@@ -187,7 +190,7 @@ def _agreed_steps(ckpt_dir: Path) -> list[int]:
         raise RuntimeError(
             f"{ckpt_dir} holds checkpoints {sorted(marked_anywhere)}, but none complete on every rank: rank(s) {lost} "
             f"lack their own {RANK_FILE.format('R')} in the step directories they see (a node lost its disk, ranks "
-            "moved to other nodes' local disks, or the checkpoints were written before these files existed)"
+            "moved to other nodes' local disks)"
         )
     return sorted(common, reverse=True)
 
