@@ -18,8 +18,10 @@ ZeRO-3 start-up cost before partitioned construction) runs beside it for compari
     .venv/bin/python bench/zero3_memory.py --skip-baseline  # ZeRO-3 only
 
 The model, its tokenizer and the data are built once under --work and reused (--rebuild makes
-them anew); the model is built in a subprocess of its own. Target (printed, not asserted): ZeRO-3
-start-up <= 0.70 of the model per rank at 2 ranks. The last line reads
+them anew); the model is built in a subprocess of its own. Each run's checkpoints/ (as big as the
+model) is deleted once the run is read, unless --keep-checkpoints. The ranks inherit this
+process's environment, e.g. MALLOC_MMAP_THRESHOLD_ (printed when set). Target (printed, not
+asserted): ZeRO-3 start-up <= 0.70 of the model per rank at 2 ranks. The last line reads
 `zero3_memory: startup_per_rank=<worst rank / model> export_per_rank=<worst rank / model>`.
 """
 
@@ -58,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=128, help="tokens per sample")
     ap.add_argument("--skip-baseline", action="store_true", help="skip the ZeRO-2 (replicated model) run")
     ap.add_argument("--rebuild", action="store_true", help="build the start checkpoint and data anew")
+    ap.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ (deleted by default)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds each eve-train run may take")
     ap.add_argument("--build-checkpoint", type=Path, default=None, help=argparse.SUPPRESS)  # internal: the build subprocess
     return ap.parse_args()
@@ -204,6 +207,8 @@ def run_train(args, start: Path, manifest: Path, zero_stage: int) -> dict:
         tail = log_path.read_text()[-4000:]
         raise SystemExit(f"ZeRO-{zero_stage} run failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
     memory = json.loads((out / "memory.json").read_text())
+    if not args.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {"memory": memory, "wall": wall, "out": out}
 
 
@@ -236,7 +241,9 @@ def main() -> None:
     n_decoder = sum(n for k, (n, _) in tensors.items() if k.startswith("language_model."))
     model_bytes = n_params * 4  # fp32, the training dtype here
     baseline = import_baseline_gib()
-    print(f"host: {os.cpu_count()} CPUs, {meminfo_gib('MemTotal'):.1f} GiB RAM ({meminfo_gib('MemAvailable'):.1f} available)")
+    malloc_env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    print(f"host: {os.cpu_count()} CPUs, {meminfo_gib('MemTotal'):.1f} GiB RAM ({meminfo_gib('MemAvailable'):.1f} available)"
+          + (f"; ranks run with {malloc_env}" if malloc_env else ""))
 
     runs = {3: run_train(args, start, manifest, 3)}
     if not args.skip_baseline:

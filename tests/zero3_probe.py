@@ -1,10 +1,14 @@
 """Run under torchrun by tests/test_lora_zero3.py: build a model partitioned over the ranks the way
-eve-train's ZeRO-3 start-up does and report what each rank holds right after construction."""
+eve-train's ZeRO-3 start-up does, report what each rank holds right after construction, and
+check the partitions hold the decoder's weights."""
 
 import json
 import sys
+from pathlib import Path
 
+import deepspeed
 import torch
+from safetensors.torch import load_file
 
 from train.distributed import init_distributed
 from train.partitioned import build_partitioned
@@ -17,6 +21,15 @@ report = {
     name: {"full": p.ds_numel, "local": p.ds_tensor.numel(), "materialised": p.data.numel()}
     for name, p in model.named_parameters()
 }
+expected = load_file(Path(decoder) / "model.safetensors")
+mismatched = []
+for name, p in model.named_parameters():
+    with deepspeed.zero.GatheredParameters([p]):
+        key = name.removeprefix("language_model.")
+        if key in expected and not torch.equal(p.data, expected[key]):
+            mismatched.append(name)
+with deepspeed.zero.GatheredParameters([model.vision.patch_embedding.weight]):
+    fresh_std = float(model.vision.patch_embedding.weight.std())  # newly initialised, not left empty
 with open(f"{out}/rank{dist.rank}.json", "w") as f:
-    json.dump(report, f)
+    json.dump({"params": report, "mismatched": mismatched, "fresh_std": fresh_std}, f)
 torch.distributed.barrier()

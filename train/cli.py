@@ -14,13 +14,28 @@ unless --allow_config_change.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 
 from train.config import build_parser, parse_train_config
 
 
+def return_freed_memory_to_the_system() -> None:
+    """glibc serves blocks below its mmap threshold (which grows up to 32 MB as large blocks are
+    freed) from heaps it rarely trims, so the hundreds of MB that ZeRO-3 gathers, builds and frees
+    at start-up and export stay resident: measured 0.3-0.45 of a 1B model per rank
+    (bench/zero3_memory.py). A fixed 1 MiB threshold makes large tensors mmap'd, and freed at once.
+    A process-wide allocator setting, so it is made here, at the program's entry, and nowhere else."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+            pass
+
+
 def main(argv: list[str] | None = None) -> None:
+    return_freed_memory_to_the_system()
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's; LOCAL_RANK holds it too
     if not argv or "-h" in argv or "--help" in argv:
