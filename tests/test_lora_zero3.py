@@ -4,16 +4,14 @@ exports, partitioned construction and the streamed sharded export."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import _cli, _env, _losses, config, data  # noqa: F401  (data: the module's fixture)
+from test_train import _cli, _env, _losses, config, data, straight_then_killed_and_rerun  # noqa: F401  (data: a fixture)
 
 from eve.build import build_eve
 from eve.modeling_eve import EveForCausalLM
@@ -130,23 +128,8 @@ def test_zero3_two_processes_export_equals_the_consolidated_checkpoint(tmp_path,
 
 def test_lora_kill_9_then_rerun_resumes_exactly(tmp_path, data, base):
     common = dict(lora=LORA, epochs=2, save_every=1)
-    straight = config(tmp_path / "a", data, 3, str(base), **common)
-    ref = subprocess.run(_cli(straight, tmp_path, [sys.executable]), env=_env(), capture_output=True, text=True,
-                         cwd=Path(__file__).parents[1], timeout=600)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = config(tmp_path / "b", data, 3, str(base), **common)
-    cmd = _cli(killed, tmp_path, [sys.executable])
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
-    ckpt = Path(killed.output_dir) / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(ckpt.glob("step-*/complete.json"))) < 2 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(ckpt.glob("step-*/complete.json")) and not (Path(killed.output_dir) / "final").exists()
-    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _losses(Path(killed.output_dir)) == _losses(Path(straight.output_dir))
+    straight, killed = (config(tmp_path / name, data, 3, str(base), **common) for name in "ab")
+    straight_then_killed_and_rerun(straight, killed, tmp_path, checkpoints=2)
     a, b = _weights(Path(straight.output_dir) / "final"), _weights(Path(killed.output_dir) / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -154,20 +154,18 @@ def _env():
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_kill_9_mid_run_then_rerun_resumes(tmp_path, data, tiny_llama_dir, tiny_clip_dir):
-    common = dict(init_is_decoder=True, flavor="debug", flavor_overrides={"teacher_model": str(tiny_clip_dir)},
-                  save_every=1, epochs=3)
-    straight = config(tmp_path / "a", data, 1, str(tiny_llama_dir), **common)
-    # Both runs as subprocesses with the same threads: float reductions then match bit for bit.
+def straight_then_killed_and_rerun(straight: TrainConfig, killed: TrainConfig, tmp_path: Path, checkpoints: int = 1) -> None:
+    """Run `straight` through, run `killed` until `checkpoints` complete checkpoints exist, kill -9
+    it, re-run it: its loss curve must equal the straight run's. Both as subprocesses with the
+    same threads, so float reductions match bit for bit."""
     ref = subprocess.run(_cli(straight, tmp_path, [sys.executable]), env=_env(), capture_output=True, text=True,
                          cwd=Path(__file__).parents[1], timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = config(tmp_path / "b", data, 1, str(tiny_llama_dir), **common)
     cmd = _cli(killed, tmp_path, [sys.executable])
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
     ckpt = Path(killed.output_dir) / "checkpoints"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(ckpt.glob("step-*/complete.json")) and proc.poll() is None:
+    while time.time() < deadline and len(list(ckpt.glob("step-*/complete.json"))) < checkpoints and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -176,6 +174,13 @@ def test_kill_9_mid_run_then_rerun_resumes(tmp_path, data, tiny_llama_dir, tiny_
     rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _losses(Path(killed.output_dir)) == _losses(Path(straight.output_dir))
+
+
+def test_kill_9_mid_run_then_rerun_resumes(tmp_path, data, tiny_llama_dir, tiny_clip_dir):
+    common = dict(init_is_decoder=True, flavor="debug", flavor_overrides={"teacher_model": str(tiny_clip_dir)},
+                  save_every=1, epochs=3)
+    straight_then_killed_and_rerun(config(tmp_path / "a", data, 1, str(tiny_llama_dir), **common),
+                                   config(tmp_path / "b", data, 1, str(tiny_llama_dir), **common), tmp_path)
 
 
 def test_two_processes_on_localhost(tmp_path, data, tiny_llama_dir, tiny_clip_dir):
