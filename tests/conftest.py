@@ -45,6 +45,15 @@ def checkpoint(built, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """`eve-demo --quick` once per session (about four minutes): (run folder, its output)."""
+    from demo_run import finish, start_demo
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    return out, finish(start_demo(out))
+
+
 @pytest.fixture
 def model(built):
     return built[0]

@@ -4,40 +4,13 @@ held-out images and on aspect ratios it never saw, and kill -9 + re-run giving t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
-FINAL_LINE = re.compile(r"^demo: heldout_accuracy=([0-9.]+) unseen_ar_accuracy=([0-9.]+) chance=([0-9.]+)$", re.M)
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return env
-
-
-def _demo(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "demo.cli", "--quick", "--out", str(out), *extra], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    output, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, output[-4000:]
-    return output
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    return out, _finish(_demo(out))
+from demo_run import FINAL_LINE, finish as _finish, start_demo as _demo
 
 
 def test_quick_demo_learns_and_writes_every_artefact(quick_run):

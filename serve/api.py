@@ -1,0 +1,212 @@
+"""The OpenAI-compatible HTTP API of `eve-serve` (FastAPI): `/v1/chat/completions` (streaming and
+not), `/v1/models`, `/health`, the browser page at `/` and its `/v1/eve/preview`.
+
+transformers' own `transformers serve` cannot host EVE: it resolves a checkpoint's class by name
+in the `transformers` namespace (`getattr(transformers, "EveForCausalLM")`) and its modality
+from transformers' built-in model lists, neither of which `AutoModel*.register` reaches; making
+it work would mean patching transformers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from serve.engine import Engine, Job, Prepared, Sampling
+from serve.messages import Limits, RequestError, decode_data_url, from_openai, render
+from serve.preview import describe
+
+# Fields whose OpenAI meaning EVE-kit cannot honour: refused rather than silently ignored.
+UNSUPPORTED = {
+    "tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls", "function_call": "function calls",
+    "logprobs": "log-probabilities", "top_logprobs": "log-probabilities", "logit_bias": "logit biases",
+    "seed": "seeded sampling (sampled requests share a batch)", "audio": "audio output",
+    "prediction": "predicted outputs", "n": "several choices per request",
+}
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]
+    images: list
+    max_tokens: int | None
+    sampling: Sampling
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+    @classmethod
+    def parse(cls, body, limits: Limits) -> "ChatRequest":
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        for key, what in UNSUPPORTED.items():
+            value = body.get(key)
+            unset = value is None or value is False or value == [] or (key == "n" and value == 1 and value is not True)
+            if not unset:
+                raise RequestError(f"{key}: {what} are not supported by eve-serve", param=key, code="unsupported_parameter")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if body.get(key) not in (None, 0, 0.0):
+                raise RequestError(f"{key}: only 0 is supported", param=key, code="unsupported_parameter")
+        fmt = body.get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise RequestError("response_format: only {'type': 'text'} is supported", param="response_format")
+        messages, images = from_openai(body.get("messages"), limits)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+            raise RequestError(f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
+        temperature = _number(body, "temperature", 0.0, 0.0, 2.0)  # greedy unless asked: answers are reproducible
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p == 0:
+            raise RequestError("top_p must be in (0, 1]", param="top_p")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+            raise RequestError("stop must be a string or a list of at most 4 strings", param="stop")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError("stream must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError("stream_options must be an object", param="stream_options")
+        return cls(messages, images, max_tokens, Sampling(temperature, top_p if temperature else 1.0), stop, stream,
+                   bool(options.get("include_usage")))
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise RequestError(f"{key} must be a number in [{lo}, {hi}], got {value!r}", param=key)
+    return float(value)
+
+
+def _error(e: RequestError) -> JSONResponse:
+    kind = "invalid_request_error" if e.status < 500 else "server_error"
+    return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}, status_code=e.status)
+
+
+def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), template: str | None = None,
+              default_max_tokens: int = 512) -> FastAPI:
+    """The app around a running engine. `template` names the processor's chat template to use
+    (None: its default)."""
+    app = FastAPI(title="eve-serve", description="OpenAI-compatible chat completions for an EVE model")
+    created = int(time.time())
+    page = resources.files("serve").joinpath("page/index.html").read_text()
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError):
+        return _error(e)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page.replace("{{MODEL}}", model_name)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "batches": engine.batches, "requests": engine.rows, "busy_s": round(engine.busy_s, 3),
+                "waiting": engine.waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "eve-kit"}]}
+
+    @app.post("/v1/eve/preview")
+    async def preview(request: Request):
+        """The image as the model sees it: its processed size, visual tokens and pixels."""
+        body = await _json(request)
+        url = body.get("image") if isinstance(body, dict) else None
+        image = await run_in_threadpool(decode_data_url, url, limits, "image")
+        return await run_in_threadpool(describe, engine.processor, image)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _json(request)
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            raise RequestError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+                               param="model", status=404, code="model_not_found")
+        req = await run_in_threadpool(ChatRequest.parse, body, limits)
+        prompt = render(engine.processor, req.messages, template)
+        prepared: Prepared = await run_in_threadpool(engine.prepare, prompt, req.images)
+        room = engine.room(prepared)
+        max_new = min(req.max_tokens or default_max_tokens, room)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def put(*event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server stopping)
+                pass
+
+        # A non-streaming request hears only its end: waking the event loop for every token of
+        # every row takes the GIL from the generating thread (measured: bench/serve.py).
+        job = Job(prepared, max_new, req.sampling, req.stop, on_text=(lambda text: put("text", text)) if req.stream else None,
+                  on_done=lambda row, err: put("done", row, err))
+        engine.submit(job)
+        ident, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": ident, "created": stamp, "model": model_name}
+        if req.stream:
+            return StreamingResponse(_sse(job, events, head, len(prepared.input_ids), req.include_usage),
+                                     media_type="text/event-stream")
+        try:
+            while (event := await events.get())[0] != "done":
+                pass
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        _, row, err = event
+        if err is not None:
+            raise err if isinstance(err, RequestError) else RequestError(f"generation failed: {type(err).__name__}: {err}",
+                                                                         status=500, code="generation_failed")
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text}, "finish_reason": row.finish_reason}],
+                "usage": _usage(len(prepared.input_ids), row.tokens)}
+
+    return app
+
+
+async def _json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from e
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _chunk(head: dict, delta: dict, finish_reason: str | None = None) -> str:
+    data = {**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def _sse(job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events as OpenAI sends them: the role, content deltas, the finish reason,
+    optionally the usage, then [DONE]. A client that goes away cancels its row."""
+    try:
+        yield _chunk(head, {"role": "assistant", "content": ""})
+        while (event := await events.get())[0] == "text":
+            yield _chunk(head, {"content": event[1]})
+        _, row, err = event
+        if err is not None:
+            message = err.message if isinstance(err, RequestError) else f"generation failed: {type(err).__name__}: {err}"
+            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+            return
+        yield _chunk(head, {}, row.finish_reason)
+        if include_usage:
+            usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(prompt_tokens, row.tokens)}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # no-op once the row ended
