@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLOOR=$(sed -n 's/^ *transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
-if ! .venv-floor/bin/python -c "import sys, transformers; sys.exit(transformers.__version__ != '$FLOOR')" 2>/dev/null; then
+STAMP=.venv-floor/.installed
+if ! .venv-floor/bin/python -c "import sys, transformers; sys.exit(transformers.__version__ != '$FLOOR')" 2>/dev/null \
+    || [ requirements.txt -nt "$STAMP" ] || [ setup.cfg -nt "$STAMP" ]; then
   VENV=.venv-floor TRANSFORMERS=$FLOOR bash scripts/setup_env.sh
+  touch "$STAMP"
 fi
 .venv-floor/bin/python -m pytest -q tests/test_transformers_integration.py tests/test_model_conventions.py \
-  tests/test_processor_conventions.py tests/test_modeling.py tests/test_processing.py "$@"
+  tests/test_processor_conventions.py tests/test_modeling.py tests/test_processing.py tests/test_serve.py \
+  tests/test_chat.py "$@"

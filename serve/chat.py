@@ -34,6 +34,7 @@ class Chat:
         self.messages: list[dict] = []
         self.images: list = []  # every image of the conversation, in prompt order
         self.attached: list = []  # images for the next question
+        self._error: BaseException | None = None  # raised by generate in its thread
 
     def attach(self, path: str) -> str:
         """Attach an image (raises InvalidImageError naming the file and the problem)."""
@@ -73,8 +74,6 @@ class Chat:
             raise self._error
         self.messages = messages + [{"role": "assistant", "content": answer.strip()}]
         self.images, self.attached = images, []
-
-    _error: BaseException | None = None
 
     def _generate(self, kwargs: dict, streamer: TextIteratorStreamer) -> None:
         self._error = None
