@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -30,13 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name)")
     parser.add_argument("--template", default=None, help="chat template: vicuna_v1, eve_v1 or plain (default: the model's)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")
-    parser.add_argument("--batch-window-ms", type=float, default=30.0,
-                        help="after a batch, how long a batch that is not full waits for more requests (clients that "
-                             "were just answered tend to come back); a request reaching an idle server starts at once")
+    parser.add_argument("--batch-window-ms", type=float, default=0.0,
+                        help="after a batch, how long a batch that is not full waits for more requests (default 0: "
+                             "none); helps when the clients just answered come straight back, costs a lone client latency")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which the server answers 503")
     parser.add_argument("--max-tokens", type=int, default=512, help="answer length when a request does not set max_tokens")
     parser.add_argument("--max-images", type=int, default=8, help="images one request may hold")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads for generation (default: torch's, one per core)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
@@ -48,13 +51,24 @@ def main(argv: list[str] | None = None) -> None:
     from serve.loading import load
     from serve.messages import Limits
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, processor = load(args.model, args.device, args.dtype)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     engine = Engine(model, processor, args.max_batch_size, args.max_waiting, args.batch_window_ms / 1000)
     app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens)
     # HTTP in a thread, generation in the main thread (see Engine.start for why)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
-    http = threading.Thread(target=server.run, name="eve-serve-http", daemon=True)
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:  # stopped, or never started (the port taken): generation stops too
+            engine.close()
+
+    http = threading.Thread(target=run_http, name="eve-serve-http", daemon=True)
     http.start()
     stop = lambda *_: engine.close()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
@@ -63,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     engine.serve_forever()
     server.should_exit = True
     http.join(timeout=10)
+    if not server.started:
+        sys.exit(f"eve-serve: could not serve on {args.host}:{args.port} (see above)")
 
 
 if __name__ == "__main__":

@@ -192,3 +192,9 @@ def test_detokenizer_deltas_add_up_to_the_decoded_text(direct):
         cut = min([j for j in (full.find("ab"), full.find("the")) if j != -1], default=len(full))
         assert "".join(sent) == row.text == full[:cut]
         assert row.finish_reason == ("stop" if cut < len(full) else "length")
+
+
+def test_a_taken_port_is_an_error_not_a_silent_server(server, lively):
+    proc = subprocess.run([sys.executable, "-m", "serve.cli", str(lively), "--port", str(server.port)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and f"could not serve on 127.0.0.1:{server.port}" in proc.stderr
