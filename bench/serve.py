@@ -61,7 +61,6 @@ def parse_args() -> argparse.Namespace:
                     help="concurrent clients (default twice the batch: a full batch waits while one runs)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--batch-window-ms", type=float, default=None, help="eve-serve's --batch-window-ms (default: its own)")
     ap.add_argument("--server-threads", type=int, default=None, help="eve-serve's --threads (default: its own)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default=str(ROOT / "build" / "bench" / "serve"))
@@ -176,11 +175,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, batch_size: int, window_ms: float | None, threads: int | None) -> subprocess.Popen:
+def start_server(model: Path, port: int, batch_size: int, threads: int | None) -> subprocess.Popen:
     log = open(Path(model).parent / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "serve.cli", str(model), "--port", str(port), "--max-batch-size",
-                             str(batch_size), "--log-level", "warning"] + ([] if window_ms is None else ["--batch-window-ms", str(window_ms)]) \
-        + ([] if threads is None else ["--threads", str(threads)]), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                             str(batch_size), "--log-level", "warning"] + ([] if threads is None else ["--threads", str(threads)]), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -211,7 +209,7 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(path)
     requests = make_requests(args.requests, args.seed)
     port = free_port()
-    server = start_server(path, port, args.batch_size, args.batch_window_ms, args.server_threads)
+    server = start_server(path, port, args.batch_size, args.server_threads)
     name = path.name
     try:
         run_served(port, name, requests[: args.clients], args.clients, 4)  # warm-up: both paths once

@@ -27,10 +27,7 @@ def _options(pairs: list[str]) -> dict:
 
 
 def cmd_run(args) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    import eve  # noqa: F401
+    from eve.pretrained import load_pretrained
     from eval.robustness import run_sweep
     from eval.runner import model_fingerprint, run_items, settings_hash, summarize, write_summary
     from eval.tasks import get_task
@@ -41,10 +38,7 @@ def cmd_run(args) -> None:
                       Path(args.images) if args.images else None, **options)
     if args.limit:
         items = items[: args.limit]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_pretrained(args.model, args.device)
     # keyed by the weights, not the path: a model retrained into the same folder gets its own records
     weights = model_fingerprint(args.model, getattr(model.config, "_commit_hash", None))
     settings = {"model": str(Path(args.model).resolve()), "weights": weights, "task": task.name, "options": options,

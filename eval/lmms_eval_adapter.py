@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from eve.pretrained import load_pretrained
 from eve.processing_eve import IMAGE_TOKEN
 from eve.templates import get_template
 
@@ -207,21 +208,7 @@ def run_loglikelihood(model, processor, args: Sequence[tuple], get_doc: Callable
     return out
 
 
-def load_eve(pretrained: str, device: str | None = None, dtype: str | torch.dtype | None = None, attn_implementation: str | None = None):
-    """Model and processor from a checkpoint, as `eve-eval run` loads them (bf16 on CUDA)."""
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    import eve  # noqa: F401  (Auto registration)
-
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if dtype is None or dtype == "auto":
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=dtype, **extra).to(device).eval()
-    return model, AutoProcessor.from_pretrained(pretrained)
+load_eve = load_pretrained  # model and processor, as `eve-eval run` loads them (bf16 on CUDA)
 
 
 # --------------------------------------------------------------------------- the lmms-eval model

@@ -90,9 +90,20 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float
     return float(value)
 
 
-def _error(e: RequestError) -> JSONResponse:
+def _as_request_error(err: BaseException) -> RequestError:
+    """What the client is told of a failure: a RequestError as it is, anything else as a 500."""
+    if isinstance(err, RequestError):
+        return err
+    return RequestError(f"generation failed: {type(err).__name__}: {err}", status=500, code="generation_failed")
+
+
+def _error_body(e: RequestError) -> dict:
     kind = "invalid_request_error" if e.status < 500 else "server_error"
-    return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}, status_code=e.status)
+    return {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(_error_body(e), status_code=e.status)
 
 
 def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), template: str | None = None,
@@ -159,15 +170,12 @@ def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), templa
             return StreamingResponse(_sse(job, events, head, len(prepared.input_ids), req.include_usage),
                                      media_type="text/event-stream")
         try:
-            while (event := await events.get())[0] != "done":
-                pass
+            _, row, err = await events.get()  # its only event: the job hears no text
         except asyncio.CancelledError:
             job.cancel()
             raise
-        _, row, err = event
         if err is not None:
-            raise err if isinstance(err, RequestError) else RequestError(f"generation failed: {type(err).__name__}: {err}",
-                                                                         status=500, code="generation_failed")
+            raise _as_request_error(err)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text}, "finish_reason": row.finish_reason}],
                 "usage": _usage(len(prepared.input_ids), row.tokens)}
@@ -200,8 +208,7 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int, 
             yield _chunk(head, {"content": event[1]})
         _, row, err = event
         if err is not None:
-            message = err.message if isinstance(err, RequestError) else f"generation failed: {type(err).__name__}: {err}"
-            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+            yield f"data: {json.dumps(_error_body(_as_request_error(err)))}\n\n"
             return
         yield _chunk(head, {}, row.finish_reason)
         if include_usage:

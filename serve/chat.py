@@ -85,6 +85,14 @@ class Chat:
             streamer.end()
 
 
+def attach_or_report(chat: Chat, path: str) -> str:
+    """Attach an image; what to tell the user either way (the chat goes on after a bad image)."""
+    try:
+        return chat.attach(path)
+    except InvalidImageError as e:
+        return f"cannot use image {e.source}: {e.reason}: {e.detail}"
+
+
 def repl(chat: Chat, stdin=sys.stdin, out=sys.stdout) -> None:
     def say(text: str = "", end: str = "\n") -> None:
         out.write(text + end)
@@ -116,10 +124,7 @@ def repl(chat: Chat, stdin=sys.stdin, out=sys.stdout) -> None:
                 if not paths:
                     say("usage: /image PATH [PATH...]")
                 for path in paths:
-                    try:
-                        say(chat.attach(path))
-                    except InvalidImageError as e:
-                        say(f"cannot use image {e.source}: {e.reason}: {e.detail}")
+                    say(attach_or_report(chat, path))
             else:
                 say(HELP)
             continue
@@ -145,15 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    from serve.loading import load
+    from eve.pretrained import load_pretrained
 
-    model, processor = load(args.model, args.device, args.dtype)
+    model, processor = load_pretrained(args.model, args.device, args.dtype)
     chat = Chat(model, processor, args.template, args.max_new_tokens, args.temperature)
     for path in args.image:
-        try:
-            print(chat.attach(path))
-        except InvalidImageError as e:
-            print(f"cannot use image {e.source}: {e.reason}: {e.detail}")
+        print(attach_or_report(chat, path))
     try:
         repl(chat)
     except KeyboardInterrupt:

@@ -31,9 +31,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model id clients send (default: the folder's name)")
     parser.add_argument("--template", default=None, help="chat template: vicuna_v1, eve_v1 or plain (default: the model's)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests generated together")
-    parser.add_argument("--batch-window-ms", type=float, default=0.0,
-                        help="after a batch, how long a batch that is not full waits for more requests (default 0: "
-                             "none); helps when the clients just answered come straight back, costs a lone client latency")
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which the server answers 503")
     parser.add_argument("--max-tokens", type=int, default=512, help="answer length when a request does not set max_tokens")
     parser.add_argument("--max-images", type=int, default=8, help="images one request may hold")
@@ -48,18 +45,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from serve.api import build_app
     from serve.engine import Engine
-    from serve.loading import load
+    from eve.pretrained import load_pretrained
     from serve.messages import Limits
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, processor = load(args.model, args.device, args.dtype)
+    model, processor = load_pretrained(args.model, args.device, args.dtype)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
-    engine = Engine(model, processor, args.max_batch_size, args.max_waiting, args.batch_window_ms / 1000)
+    engine = Engine(model, processor, args.max_batch_size, args.max_waiting)
     app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens)
-    # HTTP in a thread, generation in the main thread (see Engine.start for why)
+    # HTTP in a thread, generation in the main thread (see Engine.serve_forever for why)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
 
     def run_http() -> None:

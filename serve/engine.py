@@ -46,7 +46,6 @@ class Prepared:
 
     input_ids: list[int]
     images: list[np.ndarray]  # [3, h, w] each, normalised, un-padded
-    visual_tokens: int
 
 
 @dataclass(eq=False)
@@ -73,14 +72,13 @@ class QueueFull(RequestError):
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int = 256, batch_window_s: float = 0.0):
+    def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int = 256):
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer  # the generating thread's (padding, decoding)
         # Requests are prepared in the server's worker threads with a copy of their own, one at a
         # time: a Rust tokenizer must not be used from two threads while one changes its settings.
         self._prep, self._prep_lock = copy.deepcopy(processor), threading.Lock()
-        self.max_batch_size, self.max_waiting, self.batch_window_s = max_batch_size, max_waiting, batch_window_s
-        self._last_end = float("-inf")  # when the last batch ended
+        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
         self.context_length = model.config.text_config.max_position_embeddings
         eos = model.generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -92,16 +90,6 @@ class Engine:
         self.batches = 0  # generate calls so far
         self.rows = 0
         self.busy_s = 0.0  # time spent in generate
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "Engine":
-        """Generate in a thread of its own (tests, notebooks). A server should call
-        `serve_forever` from the main thread instead: on CPU, torch's OpenMP kernels ran this
-        model less than half as fast from a second thread (the same 48 requests: 4.1 s against
-        1.8 s from the main thread, on this project's 2-core machine)."""
-        self._thread = threading.Thread(target=self.serve_forever, name="eve-engine", daemon=True)
-        self._thread.start()
-        return self
 
     # ------------------------------------------------------------------ caller's thread
     def prepare(self, prompt: str, images: Sequence[Image.Image] = ()) -> Prepared:
@@ -115,7 +103,7 @@ class Engine:
                 f"the prompt is {len(ids)} tokens ({visual} of them visual, from {len(arrays)} image(s)); this model reads "
                 f"at most {self.context_length}, answer included: shorten the conversation or send fewer or smaller images",
                 param="messages", code="context_length_exceeded")
-        return Prepared(ids, arrays, visual)
+        return Prepared(ids, arrays)
 
     @property
     def waiting(self) -> int:
@@ -139,20 +127,12 @@ class Engine:
         with self._cv:
             self._closed = True
             self._cv.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
 
     # ------------------------------------------------------------------ the generating thread
     def _take(self) -> list[Job] | None:
         with self._cv:
             while not self._waiting and not self._closed:
                 self._cv.wait()
-            # Right after a batch, the clients it answered are likely to send their next request:
-            # give them `batch_window_s` to join a batch that is not full yet (a request reaching
-            # an idle server starts at once).
-            while not self._closed and len(self._waiting) < self.max_batch_size \
-                    and (left := self._last_end + self.batch_window_s - time.monotonic()) > 0:
-                self._cv.wait(left)
             if self._closed:
                 for job in self._waiting:
                     job.on_done and job.on_done(None, RequestError("the server is shutting down", status=503))
@@ -164,7 +144,9 @@ class Engine:
             return batch
 
     def serve_forever(self) -> None:
-        """Run batches in this thread until `close`."""
+        """Run batches in this thread until `close`. Call it from the main thread: on CPU, torch's
+        OpenMP kernels ran this model less than half as fast from a second thread (the same 48
+        requests: 4.1 s against 1.8 s from the main thread, on this project's 2-core machine)."""
         while (batch := self._take()) is not None:
             if batch:
                 self.run(batch)
@@ -205,6 +187,5 @@ class Engine:
             for job, row in zip(batch, rows):
                 row.close()
                 job.on_done and job.on_done(row, None)
-        self._last_end = time.monotonic()
         self.busy_s += time.perf_counter() - start
 

@@ -46,6 +46,15 @@ def checkpoint(built, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lively(checkpoint, tmp_path_factory):
+    """The debug EVE with weights that make its answers depend on what it is shown (the server
+    and chat tests compare answers)."""
+    from serving import lively_checkpoint
+
+    return lively_checkpoint(checkpoint, tmp_path_factory.mktemp("lively"))
+
+
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     """`eve-demo --quick` once per session (about four minutes): (run folder, its output)."""
     from demo_run import finish, start_demo

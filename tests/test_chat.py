@@ -3,21 +3,14 @@ the same conversation; a missing or broken image is reported and the chat goes o
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 
-import pytest
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from conftest import random_image
 from demo_run import clean_env
-from serving import generate_directly, lively_checkpoint
-
-
-@pytest.fixture(scope="module")
-def lively(checkpoint, tmp_path_factory):
-    return lively_checkpoint(checkpoint, tmp_path_factory.mktemp("lively"))
+from serving import generate_directly
 
 
 def test_streamed_turns_equal_generate(lively, tmp_path):

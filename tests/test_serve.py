@@ -16,14 +16,9 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from conftest import random_image
-from serving import Server, data_url, generate_directly, lively_checkpoint, to_openai
+from serving import Server, data_url, generate_directly, to_openai
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def lively(checkpoint, tmp_path_factory):
-    return lively_checkpoint(checkpoint, tmp_path_factory.mktemp("lively"))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ a time, so no rank ever holds the whole model (8 ranks x a full 7B in fp32 is ~2
 The model is constructed under `deepspeed.zero.Init`, uninitialised but for what the checkpoint
 lacks. transformers' own ZeRO-3 path is not used: its `from_pretrained` reads the whole checkpoint
 into rank 0's memory before scattering it, and its construction gathers every module whole to
-initialise weights the checkpoint then overwrites. Here every rank reads only its own share of each tensor (safetensors reads by offset) straight into its
-partition: nothing is gathered, nothing is sent.
+initialise weights the checkpoint then overwrites. Here every rank reads only its own share of
+each tensor (safetensors reads by offset) straight into its partition: nothing is gathered,
+nothing is sent.
 """
 
 from __future__ import annotations
