@@ -9,17 +9,19 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from eve.image_ref import NotRegularFileError, read_regular_file
+
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 
 
 class InvalidImageError(ValueError):
-    """An image that cannot be used. `reason` is a short code (decode_error, empty, too_large)."""
+    """An image that cannot be used. `reason` is a short code (decode_error, empty, too_large,
+    missing, not_a_file)."""
 
     def __init__(self, source: str, reason: str, detail: str):
         super().__init__(f"{source}: {reason}: {detail}")
@@ -45,7 +47,7 @@ def load_image(image: ImageInput, max_pixels: int | None = None) -> Image.Image:
         if isinstance(image, Image.Image):
             img = image
         else:
-            data = Path(image).read_bytes() if not isinstance(image, bytes) else image
+            data = read_regular_file(image) if not isinstance(image, bytes) else image
             if not data:
                 raise InvalidImageError(source, "empty", "zero-byte file")
             img = Image.open(io.BytesIO(data))
@@ -63,6 +65,8 @@ def load_image(image: ImageInput, max_pixels: int | None = None) -> Image.Image:
         raise InvalidImageError(source, "too_large", str(e)) from e
     except FileNotFoundError as e:
         raise InvalidImageError(source, "missing", str(e)) from e
+    except NotRegularFileError as e:
+        raise InvalidImageError(source, "not_a_file", str(e)) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncation and corruption as OSError/SyntaxError/ValueError.
         raise InvalidImageError(source, "decode_error", f"{type(e).__name__}: {e}") from e

@@ -33,7 +33,13 @@ EVE_V1_SYSTEM = (
 
 
 class LabelMaskingError(ValueError):
-    """The loss mask cannot be aligned with the tokens of a sample."""
+    """A sample whose loss mask cannot be built: tokens that do not align with it, or nothing
+    worth a label (an empty answer, a speaker the template does not know). `reason` is a short
+    code a data pipeline counts it under."""
+
+    def __init__(self, message: str, reason: str = "label_mismatch"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Template:
             if role == "human":
                 text += self.user + turn["value"]
             else:
+                _check_answer(turn, i)
                 text += self.assistant
                 start = len(text)
                 text += turn["value"] + self.turn_end
@@ -123,14 +130,24 @@ def get_template(name: str) -> Template:
 def _role(turn: dict, index: int) -> str:
     role = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}.get(turn.get("from"))
     if role is None:
-        raise LabelMaskingError(f"turn {index}: unknown speaker {turn.get('from')!r}")
+        raise LabelMaskingError(f"turn {index}: unknown speaker {turn.get('from')!r}", "unknown_speaker")
     return role
+
+
+def _check_answer(turn: dict, index: int) -> None:
+    """An empty answer would train only on the turn's end (`</s>`, or the caption's newline)."""
+    if not turn["value"].strip():
+        raise LabelMaskingError(f"turn {index}: empty answer", "empty_answer")
 
 
 def _render_plain(turns: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Stages 1-2: image + caption + newline, loss on the caption (SPEC 1.4)."""
-    if len(turns) != 2 or _role(turns[1], 1) != "gpt":
-        raise LabelMaskingError(f"plain template takes [image turn, caption turn], got {len(turns)} turns")
+    if len(turns) != 2:
+        raise LabelMaskingError(f"plain template takes [image turn, caption turn], got {len(turns)} turns", "bad_record")
+    if _role(turns[0], 0) != "human" or _role(turns[1], 1) != "gpt":
+        raise LabelMaskingError(f"plain template takes [human turn, gpt turn], got [{turns[0]['from']!r}, "
+                                f"{turns[1]['from']!r}]", "unknown_speaker")
+    _check_answer(turns[1], 1)
     text = IMAGE_TOKEN * turns[0]["value"].count(IMAGE_TOKEN)  # the prompt text itself is dropped
     start = len(text)
     text += turns[1]["value"] + "\n"
@@ -199,7 +216,7 @@ def encode_example(
     try:
         ids, labels = expand_image_tokens(ids, image_token_id, visual_token_counts, labels)
     except ValueError as e:
-        raise LabelMaskingError(str(e)) from e
+        raise LabelMaskingError(str(e)) from e  # more <image> markers than images, or fewer
     dropped = 0
     if max_length is not None:
         ids, labels, dropped = truncate_after_splice(ids, labels, max_length, image_token_id)

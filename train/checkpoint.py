@@ -20,6 +20,14 @@ are redone, and a stale marker must never sit beside shards rewritten over it. A
 rank's files were lost (a node's disk, ranks moved between node-local disks), and starting over
 would discard the other nodes' checkpoints.
 
+Loading runs no pickled code. DeepSpeed reads its `.pt` files with `torch.load(weights_only=False)`,
+so a replaced `mp_rank_00_model_states.pt` could run anything on the next `eve-train`. Loading is
+done under torch's own switch that forces the weights-only unpickler on every `torch.load`
+(`TORCH_FORCE_WEIGHTS_ONLY_LOAD`, scoped to the load), with the few DeepSpeed types its states hold
+allow-listed (`DEEPSPEED_STATE_TYPES`). A file holding anything else fails to load and is treated
+as an unreadable checkpoint: the run falls back to the previous one. Our own client state is plain
+Python and tensors (the numpy RNG state is saved as lists).
+
 Node-local disks under ZeRO-1/2: by default only rank 0 writes DeepSpeed's model-states file,
 which every rank reads; add `"checkpoint": {"use_node_local_storage": true}` to the DeepSpeed
 config (train/configs/zero2.json) so that local rank 0 of each node writes it.
@@ -33,6 +41,7 @@ import os
 import random
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +50,10 @@ import torch
 log = logging.getLogger(__name__)
 MARKER = "complete.json"
 RANK_FILE = "rank{}.saved"
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints that exist but cannot be resumed from (lost by a rank, or none loadable)."""
 
 
 def _step_of(path: Path) -> int:
@@ -59,7 +72,9 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, keys.tolist(), pos, has_gauss, gauss]  # lists, which the weights-only unpickler reads
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -67,7 +82,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -187,7 +203,7 @@ def _agreed_steps(ckpt_dir: Path) -> list[int]:
     marked_anywhere = set().union(*(m for m, _ in views))
     lost = [r for r, (_, s) in enumerate(views) if marked_anywhere - s]
     if not common and lost:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{ckpt_dir} holds checkpoints {sorted(marked_anywhere)}, but none complete on every rank: rank(s) {lost} "
             f"lack their own {RANK_FILE.format('R')} in the step directories they see (a node lost its disk, ranks "
             "moved to other nodes' local disks)"
@@ -195,13 +211,42 @@ def _agreed_steps(ckpt_dir: Path) -> list[int]:
     return sorted(common, reverse=True)
 
 
+def deepspeed_state_types() -> list:
+    """The classes DeepSpeed pickles into its model and optimizer states (besides tensors and
+    Python containers), found by `torch.serialization.get_unsafe_globals_in_checkpoint` on the
+    checkpoints of ZeRO-1/2/3 runs, fp32 and 16-bit. Each is data: an enum, a dataclass, a loss
+    scaler's attributes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loading():
+    """Every `torch.load` inside, DeepSpeed's included, uses the weights-only unpickler: torch's
+    documented switch, set for the duration of the load only and restored after."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_types()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
 def _load(engine, ckpt_dir: Path, step: int) -> tuple[dict | None, str | None]:
     """This rank's client state, or why it could not load it. (Under ZeRO-1/2 DeepSpeed reads all
     its files before any collective: an unreadable file fails here without hanging the others.)"""
     try:
-        loaded, client_state = engine.load_checkpoint(
-            str(ckpt_dir), tag=_tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with weights_only_loading():
+            loaded, client_state = engine.load_checkpoint(
+                str(ckpt_dir), tag=_tag(step), load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: report and fall back
         return None, f"{type(e).__name__}: {e}"
     if loaded is None or client_state is None or "step" not in client_state:
@@ -226,7 +271,8 @@ def load_latest(engine, ckpt_dir: Path) -> dict | None:
             log.error("checkpoint %s cannot be loaded on rank(s) %s; all ranks falling back to the previous one",
                       ckpt_dir / _tag(step), failed)
     if steps:
-        raise RuntimeError(f"none of the checkpoints in {ckpt_dir} could be loaded on every rank: {[_tag(s) for s in steps]}")
+        raise CheckpointError(f"none of the checkpoints in {ckpt_dir} could be loaded on every rank: {[_tag(s) for s in steps]} "
+                              "(the log says why each failed); move them away to start over")
     _discard_newer(ckpt_dir, 0)
     return None
 

@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"eve-train: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from train.trainer import train
+    from train.trainer import USER_ERRORS, train
 
-    final = train(cfg, allow_config_change=allow_change)
+    try:
+        final = train(cfg, allow_config_change=allow_change)
+    except USER_ERRORS as e:  # the message names the file, line or step: a traceback would bury it
+        raise SystemExit(f"eve-train: {type(e).__name__}: {e}") from None
     print(f"eve-train: stage {cfg.stage} done; model in {final}")
 
 

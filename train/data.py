@@ -4,15 +4,20 @@ A manifest is JSONL (one sample a line; only byte offsets are kept in memory) or
 JSON list. A sample is {"id", "image": optional path (relative to the image root, or
 "shard.tar#member" inside a webdataset tar), "conversations": [{"from", "value"}, ...]}.
 Samples are tokenized with eve.templates (labels from character offsets) and `max_length` is
-applied after the visual tokens are spliced in. A bad sample (undecodable image, label
-mismatch, image longer than max_length) is replaced by the next good one and counted, or
-raises with `on_bad_sample="fail"`: the order stays deterministic, so resume stays exact.
+applied after the visual tokens are spliced in. A bad sample is replaced by the next good one
+and counted under its reason, or raises with `on_bad_sample="fail"`: the order stays
+deterministic, so resume stays exact. Bad means: a line that is not a JSON object (`bad_json`,
+`bad_record`: `42`, `null`, a list, bytes that are not UTF-8), conversations that are not a
+list of {"from": str, "value": str} (`bad_record`), an image that is missing, not a regular file,
+undecodable or cut short inside its tar (`missing`, `not_a_file`, `decode_error`, ...), an
+empty answer or a speaker the template does not know (`empty_answer`, `unknown_speaker`), a
+label mismatch or an image longer than max_length (`label_mismatch`).
 """
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +27,13 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from eve.image_io import InvalidImageError, load_image
+from eve.image_ref import is_regular_file, split_ref
 from eve.processing_eve import EveProcessor, image_sizes_of, pad_images
 from eve.templates import IGNORE_INDEX, LabelMaskingError, encode_example
 from train.config import DataSource
 
 MAX_REPLACEMENTS = 64
+log = logging.getLogger(__name__)
 
 
 class BadSampleError(ValueError):
@@ -34,7 +41,11 @@ class BadSampleError(ValueError):
 
     def __init__(self, where: str, reason: str, detail: str):
         super().__init__(f"{where}: {reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read at all (missing, or a LLaVA JSON that is not a list)."""
 
 
 class Manifest:
@@ -43,60 +54,112 @@ class Manifest:
     def __init__(self, source: DataSource):
         self.path = Path(source.path)
         self.image_root = Path(source.image_root) if source.image_root else self.path.parent
-        if not self.path.exists():
-            raise FileNotFoundError(f"manifest {self.path} does not exist")
+        if not self.path.is_file():
+            raise ManifestError(f"manifest {self.path} does not exist or is not a file")
         if self.path.suffix == ".json":
-            self.records = json.loads(self.path.read_text())
+            self.records = _json_list(self.path)
             self.offsets = None
         else:
             self.records = None
-            self.offsets = _line_offsets(self.path)
+            self.offsets, self.line_numbers = _line_offsets(self.path)
 
     def __len__(self) -> int:
         return len(self.records) if self.records is not None else len(self.offsets)
 
+    def where(self, i: int) -> str:
+        """Record `i` as a reader finds it: `file.jsonl:LINE` or `file.json[INDEX]`."""
+        return f"{self.path}[{i}]" if self.records is not None else f"{self.path}:{self.line_numbers[i]}"
+
     def __getitem__(self, i: int) -> dict:
+        """Record `i` (0-based): a dict, else a BadSampleError naming the file and line/index."""
+        where = self.where(i)
         if self.records is not None:
-            return self.records[i]
-        with open(self.path, "rb") as f:
-            f.seek(int(self.offsets[i]))
-            line = f.readline()
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadSampleError(f"{self.path}:{i + 1}", "bad_json", str(e)) from e
+            record = self.records[i]
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(int(self.offsets[i]))
+                line = f.readline()
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+                raise BadSampleError(where, "bad_json", str(e)) from e
+        if not isinstance(record, dict):
+            raise BadSampleError(where, "bad_record", f"{_kind(record)}, not a JSON object")
+        return record
 
 
-def _line_offsets(path: Path) -> np.ndarray:
-    offsets, pos = [], 0
+def _json_list(path: Path) -> list:
+    """A LLaVA-style JSON list; a file that is not one cannot be trained on at all."""
+    try:
+        records = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise ManifestError(f"manifest {path} is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(records, list):
+        raise ManifestError(f"manifest {path} holds {_kind(records)}, not a list of samples")
+    return records
+
+
+def _line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets and 1-based line numbers of the non-blank lines (12 bytes per sample)."""
+    offsets, numbers, pos = [], [], 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
                 offsets.append(pos)
+                numbers.append(number)
             pos += len(line)
-    return np.asarray(offsets, dtype=np.int64)
+    return np.asarray(offsets, dtype=np.int64), np.asarray(numbers, dtype=np.uint32)
 
 
 class ImageStore:
-    """Opens image references: plain paths, or `shard.tar#member` inside tar shards."""
+    """Opens image references: plain paths, or `shard.tar#member` inside tar shards. A tar is
+    indexed once per worker process, as far as it can be read: a tar cut short keeps the members
+    before the cut (logged), and a sample whose member is cut or absent is a bad sample."""
 
     def __init__(self):
-        self._tars: dict[Path, tuple[tarfile.TarFile, dict]] = {}  # per worker process
+        self._tars: dict[Path, tuple[tarfile.TarFile | None, dict]] = {}  # per worker process
 
     def read(self, ref: str, root: Path):
-        if "#" in ref and ref.split("#", 1)[0].endswith(".tar"):
-            shard, member = ref.split("#", 1)
-            tar, members = self._open_tar(root / shard)
-            if member not in members:
-                raise InvalidImageError(ref, "missing", f"no member {member!r} in {shard}")
-            return load_image(tar.extractfile(members[member]).read())
-        return load_image(root / ref)
+        shard, member = split_ref(ref)
+        if member is None:
+            return load_image(root / ref)
+        tar, members = self._open_tar(root / shard)
+        if member not in members:
+            raise InvalidImageError(ref, "missing", f"no file member {member!r} in {root / shard}")
+        try:
+            data = tar.extractfile(members[member]).read()
+        except (tarfile.TarError, OSError) as e:  # the tar ends inside this member
+            raise InvalidImageError(ref, "decode_error", f"member cut short in {root / shard}: {e}") from e
+        return load_image(data)
 
     def _open_tar(self, path: Path):
         if path not in self._tars:
-            tar = tarfile.open(path)
-            self._tars[path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
+            self._tars[path] = _index_tar(path)
         return self._tars[path]
+
+
+def _index_tar(path: Path) -> tuple[tarfile.TarFile | None, dict]:
+    """(open tar, {name: regular-file member}); (None, {}) for a tar that cannot be opened."""
+    if not is_regular_file(path):
+        log.warning("%s: no such tar (or not a regular file); its samples are skipped", path)
+        return None, {}
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        log.warning("%s: not a readable uncompressed tar (%s); its samples are skipped", path, e)
+        return None, {}
+    members = {}
+    while True:
+        try:
+            m = tar.next()
+        except (tarfile.TarError, OSError) as e:
+            log.warning("%s: unreadable after %d members (%s); the samples after the cut are skipped", path, len(members), e)
+            break
+        if m is None:
+            break
+        if m.isfile():
+            members[m.name] = m
+    return tar, members
 
 
 @dataclass
@@ -107,7 +170,7 @@ class Sample:
     teacher_pixels: np.ndarray | None  # [3, T, T]
     sample_id: str
     truncated_tokens: int
-    skipped: list[tuple[str, str]]  # (sample id, reason) of bad samples replaced by this one
+    skipped: list[tuple[str, str, str]]  # (where, reason, message) of bad samples replaced by this one
 
 
 class EveDataset(Dataset):
@@ -142,21 +205,24 @@ class EveDataset(Dataset):
             except (BadSampleError, InvalidImageError, LabelMaskingError) as e:
                 if self.on_bad_sample == "fail":
                     raise
-                skipped.append((self._where(i), getattr(e, "reason", "label_mismatch")))
-        raise RuntimeError(f"{MAX_REPLACEMENTS} bad samples in a row from index {index}: {skipped[-3:]}")
+                detail = e.detail if isinstance(e, BadSampleError) else str(e)  # the others name no line
+                skipped.append((self._where(i), e.reason, detail))
+        raise ManifestError(f"{MAX_REPLACEMENTS} bad samples in a row from index {index} (the data is mostly unusable); "
+                            f"the last: {skipped[-3:]}")
 
     def _where(self, i: int) -> str:
         m = int(np.searchsorted(self.bounds, i, side="right") - 1)
-        return f"{self.manifests[m].path}#{i - self.bounds[m]}"
+        return self.manifests[m].where(i - int(self.bounds[m]))
 
     def _encode(self, i: int) -> Sample:
         m = int(np.searchsorted(self.bounds, i, side="right") - 1)
         manifest = self.manifests[m]
         record = manifest[i - int(self.bounds[m])]
-        where = f"{manifest.path}#{i - int(self.bounds[m])} (id {record.get('id')})"
-        if "conversations" not in record:
-            raise BadSampleError(where, "bad_record", "no 'conversations'")
+        where = f"{manifest.where(i - int(self.bounds[m]))} (id {record.get('id')})"
+        turns = _turns(record, where)
         image_ref = record.get("image")
+        if image_ref is not None and not isinstance(image_ref, str):
+            raise BadSampleError(where, "bad_record", f"'image' is {_kind(image_ref)}, not a path")
         ip = self.processor.image_processor
         pixels = teacher = None
         counts = []
@@ -166,14 +232,35 @@ class EveDataset(Dataset):
             counts = [ip.num_visual_tokens(img.height, img.width)]
             if self.with_teacher:
                 teacher = ip.teacher_pixels([img])[0]
-        turns = record["conversations"]
-        if not image_ref and any("<image>" in t.get("value", "") for t in turns):
+        if not image_ref and any("<image>" in t["value"] for t in turns):
             raise BadSampleError(where, "bad_record", "<image> in the text but no image")
         enc = encode_example(
             self.processor.tokenizer, self.template, turns, self.processor.image_token_id, counts, self.max_length,
             self.processor.split_at_images,
         )
         return Sample(enc["input_ids"], enc["labels"], pixels, teacher, str(record.get("id", i)), enc["truncated_tokens"], [])
+
+
+def _turns(record: dict, where: str) -> list[dict]:
+    """The record's conversations, checked to be a non-empty list of {"from": str, "value": str}."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSampleError(where, "bad_record", f"'conversations' must be a non-empty list, not {_kind(turns)}")
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadSampleError(where, "bad_record", f"turn {t} is {_kind(turn)}, not an object")
+        for key in ("from", "value"):
+            if not isinstance(turn.get(key), str):
+                raise BadSampleError(where, "bad_record", f"turn {t}: '{key}' is {_kind(turn.get(key))}, not a string")
+    return turns
+
+
+JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _kind(value) -> str:
+    """A JSON value's kind, as the manifest's author wrote it."""
+    return "null (or missing)" if value is None else JSON_KINDS.get(type(value), type(value).__name__)
 
 
 def collate(samples: list[Sample], pad_token_id: int) -> dict:

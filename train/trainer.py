@@ -18,13 +18,15 @@ from tqdm import tqdm
 
 import eve  # noqa: F401  (Auto classes)
 from eve.build import build_eve
+from eve.image_io import InvalidImageError
 from eve.modeling_eve import EveForCausalLM
 from eve.patch_aligning import EveForAlignedTraining, load_pal
 from eve.processing_eve import EveProcessor
 from eve.teacher import ClipTeacher
+from eve.templates import LabelMaskingError
 from train import checkpoint
 from train.config import CONFIG_DIR, TrainConfig
-from train.data import EveDataset, ResumableSampler, collate
+from train.data import BadSampleError, EveDataset, ManifestError, ResumableSampler, collate
 from train.distributed import DistInfo, all_true, init_distributed, sum_across
 from train.export import save_sharded
 from train.lora import apply_lora, export_adapter, export_merged, merge_adapter, quantization_config
@@ -38,6 +40,12 @@ log = logging.getLogger("eve.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+# What a run stops with because of its input (data, checkpoints, a diverged loss), as opposed to a
+# bug: eve-train prints these as one message.
+USER_ERRORS = (BadSampleError, ManifestError, InvalidImageError, LabelMaskingError, checkpoint.CheckpointError,
+               NonFiniteLossError)
 
 
 def load_start(cfg: TrainConfig, dist: DistInfo, ds_config: dict, dtype: torch.dtype) -> tuple[EveForCausalLM, EveProcessor]:
@@ -201,8 +209,9 @@ def _loop(cfg, dist: DistInfo, engine, teacher, loader, state, last, total_steps
             window["tokens"] += meta["tokens"]  # real tokens (padding not counted), packed or not
             window["seq"] += meta["attn_len"]
             window["images"] += meta["images"]
-            for _, reason in meta["skipped"]:
+            for where, reason, message in meta["skipped"]:
                 state["skipped"][reason] = state["skipped"].get(reason, 0) + 1
+                log.warning("skipped a bad sample (%s) at %s: %s", reason, where, message)
             state["truncated_samples"] += meta["truncated_samples"]
         state["step"] += 1
         state["samples_consumed"] += cfg.global_batch_size
@@ -228,7 +237,8 @@ def _log(cfg, dist, engine, window, state, metrics, bar, model):
         "step": state["step"], "loss": loss / micro, "lm_loss": lm / micro, "pal_loss": pal / micro, **lrs,
         "tokens_per_s": tokens_per_s, "images_per_s": images / elapsed,
         "model_mfu": flops * tokens_per_s / (peak * dist.world_size) if peak else None,
-        "data_wait_frac": window["data_wait"] / elapsed, "memory_gb": memory_gb(dist.device), "skipped": sum(state["skipped"].values()), "truncated": state["truncated_samples"],
+        "data_wait_frac": window["data_wait"] / elapsed, "memory_gb": memory_gb(dist.device), "skipped": sum(state["skipped"].values()),
+        "skipped_by_reason": dict(sorted(state["skipped"].items())), "truncated": state["truncated_samples"],
     }
     if metrics is not None:
         metrics.write(record)

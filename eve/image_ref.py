@@ -1,0 +1,63 @@
+"""Where an image lives, and reading it without ever blocking.
+
+A reference is a plain path, or `shard.tar#member` for a member of an uncompressed tar (the form
+curation exports and training reads). Folder and file names may hold `#` themselves (`we#ird/`),
+so a reference is split at the first `.tar#`, and only there: this is the one parser.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+TAR_MARK = ".tar#"
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """"a/b.tar#c/d.png" -> ("a/b.tar", "c/d.png"); "we#ird/x.png" -> ("we#ird/x.png", None)."""
+    at = ref.find(TAR_MARK)
+    if at < 0:
+        return ref, None
+    cut = at + len(TAR_MARK) - 1
+    return ref[:cut], ref[cut + 1 :]
+
+
+def join_ref(tar_path: str | os.PathLike, member: str) -> str:
+    return f"{tar_path}#{member}"
+
+
+class NotRegularFileError(ValueError):
+    """A FIFO, socket, device or directory where an image file was expected."""
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file. A FIFO, socket or device named like an image would block a
+    plain open() or read() forever (and a run lock with it): it is opened without blocking and
+    refused with NotRegularFileError naming it, as is a directory; a missing file gives
+    FileNotFoundError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"{path} is not a regular file ({_kind(mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def is_regular_file(path: Path) -> bool:
+    """True for a regular file (symlinks followed), without opening it."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
