@@ -85,10 +85,16 @@ class EvePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    vision_class = EveVisionEmbedding  # the family's front end (eve.modeling_eve2 has EVEv2's)
+
+    def _build_decoder(self, config: EveConfig, auto_class) -> nn.Module:
+        """The decoder as transformers builds it from its config (a family may add to it)."""
+        return auto_class.from_config(config.text_config)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, EveVisionEmbedding):
+        if isinstance(module, self.vision_class) and hasattr(module, "class_embedding"):
             std = getattr(self.config.text_config, "initializer_range", 0.02)
             module.class_embedding.normal_(std=std)
             module.split_embedding.normal_(std=std)
@@ -180,8 +186,8 @@ class EveModel(EvePreTrainedModel):
 
     def __init__(self, config: EveConfig):
         super().__init__(config)
-        self.vision = EveVisionEmbedding(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.vision = self.vision_class(config)
+        self.language_model = self._build_decoder(config, AutoModel)
         self.set_input_embeddings(self.language_model.get_input_embeddings())
         self.post_init()
 
@@ -217,8 +223,8 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: EveConfig):
         super().__init__(config)
-        self.vision = EveVisionEmbedding(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.vision = self.vision_class(config)
+        self.language_model = self._build_decoder(config, AutoModelForCausalLM)
         self.set_input_embeddings(self.language_model.get_input_embeddings())
         self.post_init()
 

@@ -137,6 +137,7 @@ class EveForAlignedTraining(nn.Module):
         config = self.model.config
         features, embeds = self._embed(input_ids, pixel_values, image_sizes)
         out = self.model(
+            input_ids=input_ids,  # with embeds given, only read for where the images are (EVEv2's routing)
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             labels=None if labels is None else labels.masked_fill(input_ids == config.image_token_id, -100),

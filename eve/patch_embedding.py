@@ -111,25 +111,29 @@ class EveVisionEmbedding(nn.Module):
         return ImageFeatures(last_hidden_state=tokens, pooler_output=per_image, grids=grids)
 
     def _valid_boxes(self, pixel_values, image_sizes, grid_hw) -> list[tuple[int, int, int, int]]:
-        """(top, left, height, width) in patches of each image's real pixels."""
-        p, n = self.patch_size, pixel_values.shape[0]
-        if pixel_values.shape[1] == 4:  # reference layout: the mask channel marks the image
-            mask = F.avg_pool2d(pixel_values[:, 3:].float(), p, p)[:, 0] > 0.5  # [N, H/p, W/p]
-            rows, cols = mask.any(2), mask.any(1)
-            stats = torch.stack([rows.int().argmax(1), cols.int().argmax(1), rows.sum(1), cols.sum(1)], 1)
-            boxes = [tuple(b) for b in stats.tolist()]
-        elif image_sizes is not None:
-            sizes = torch.as_tensor(image_sizes).reshape(n, 2).tolist()
-            for h, w in sizes:
-                if h % (2 * p) or w % (2 * p) or h <= 0 or w <= 0:
-                    raise ValueError(f"image size {h}x{w} is not a positive multiple of 2 x patch ({2 * p}) px")
-            boxes = [(0, 0, h // p, w // p) for h, w in sizes]
-        else:
-            boxes = [(0, 0, grid_hw[0], grid_hw[1])] * n
-        for i, (_, _, gh, gw) in enumerate(boxes):
-            if gh < 2 or gw < 2 or gh % 2 or gw % 2:
-                raise ValueError(
-                    f"image {i}: its valid region is {gh}x{gw} patches; it must be even and >= 2 on both sides "
-                    "(use EveImageProcessor to resize images)"
-                )
-        return boxes
+        return valid_boxes(pixel_values, image_sizes, grid_hw, self.patch_size)
+
+
+def valid_boxes(pixel_values, image_sizes, grid_hw, p: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) in patches of each image's real pixels."""
+    n = pixel_values.shape[0]
+    if pixel_values.shape[1] == 4:  # reference layout: the mask channel marks the image
+        mask = F.avg_pool2d(pixel_values[:, 3:].float(), p, p)[:, 0] > 0.5  # [N, H/p, W/p]
+        rows, cols = mask.any(2), mask.any(1)
+        stats = torch.stack([rows.int().argmax(1), cols.int().argmax(1), rows.sum(1), cols.sum(1)], 1)
+        boxes = [tuple(b) for b in stats.tolist()]
+    elif image_sizes is not None:
+        sizes = torch.as_tensor(image_sizes).reshape(n, 2).tolist()
+        for h, w in sizes:
+            if h % (2 * p) or w % (2 * p) or h <= 0 or w <= 0:
+                raise ValueError(f"image size {h}x{w} is not a positive multiple of 2 x patch ({2 * p}) px")
+        boxes = [(0, 0, h // p, w // p) for h, w in sizes]
+    else:
+        boxes = [(0, 0, grid_hw[0], grid_hw[1])] * n
+    for i, (_, _, gh, gw) in enumerate(boxes):
+        if gh < 2 or gw < 2 or gh % 2 or gw % 2:
+            raise ValueError(
+                f"image {i}: its valid region is {gh}x{gw} patches; it must be even and >= 2 on both sides "
+                "(use EveImageProcessor to resize images)"
+            )
+    return boxes

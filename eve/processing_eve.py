@@ -3,6 +3,8 @@
 Geometry, for an image of native size (H, W) with long side L and short side S:
   at teacher scale T (336): long -> T, short -> ceil(T * S / L / p) * p  (p = teacher patch, 14)
   at model scale: both times r = image_size / T (2 at 672, 4 at 1344).
+EVEv2 (`resize_rule="area"`): about image_size**2 pixels at the image's own aspect ratio, each
+side rounded up to a multiple of 2p (`area_geometry`).
 The model sees each image un-padded: the batch is padded to its largest height and width with
 zeros (the normalised mean) at the bottom/right, and `image_sizes` says where each image ends,
 so padding never reaches the decoder. `pad_to_square=True` gives the reference layout instead
@@ -10,6 +12,7 @@ so padding never reaches the decoder. `pad_to_square=True` gives the reference l
 """
 
 import copy
+import math
 from typing import Sequence, Unpack
 
 import numpy as np
@@ -41,6 +44,20 @@ def model_geometry(height: int, width: int, image_size: int, teacher_size: int, 
     h, w = teacher_geometry(height, width, teacher_size, teacher_patch)
     r = image_size // teacher_size
     return h * r, w * r
+
+
+def area_geometry(height: int, width: int, image_size: int, unit: int) -> tuple[int, int]:
+    """EVEv2's (h, w): the image scaled to about image_size**2 pixels at its own aspect ratio,
+    each side rounded up to a multiple of `unit` (one visual token, 2 x patch) and at least one.
+    Small images are scaled up too, as the reference does at inference."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    ratio = math.sqrt(height * width) / image_size
+
+    def side(n: int) -> int:
+        return max(math.ceil(n / ratio / unit), 1) * unit
+
+    return side(height), side(width)
 
 
 def num_visual_tokens(height: int, width: int, patch_size: int) -> int:
@@ -179,6 +196,7 @@ class EveImageProcessor(BaseImageProcessor):
         rescale_factor: float = 1 / 255,
         do_rescale: bool = True,
         do_normalize: bool = True,
+        resize_rule: str = "teacher_grid",
         **kwargs,
     ):
         # BaseImageProcessor's own __init__ validates torchvision/PIL backend kwargs that this
@@ -190,6 +208,9 @@ class EveImageProcessor(BaseImageProcessor):
         self.teacher_image_mean = list(teacher_image_mean or image_mean)
         self.teacher_image_std = list(teacher_image_std or image_std)
         self.resample = int(resample)
+        if resize_rule not in ("teacher_grid", "area"):
+            raise ValueError(f"resize_rule must be 'teacher_grid' (EVE) or 'area' (EVEv2), not {resize_rule!r}")
+        self.resize_rule = resize_rule
         self.max_pixels = max_pixels
         self.do_rescale, self.do_normalize = bool(do_rescale), bool(do_normalize)
         self.rescale_factor = float(rescale_factor)
@@ -211,9 +232,12 @@ class EveImageProcessor(BaseImageProcessor):
             image_std=config.image_std,
             teacher_image_mean=config.teacher_image_mean,
             teacher_image_std=config.teacher_image_std,
+            resize_rule=getattr(config, "resize_rule", "teacher_grid"),
         )
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.resize_rule == "area":
+            return area_geometry(height, width, self.image_size, 2 * self.patch_size)
         return model_geometry(height, width, self.image_size, self.teacher_image_size, self.teacher_patch_size)
 
     def num_visual_tokens(self, height: int, width: int) -> int:
@@ -282,6 +306,9 @@ class EveImageProcessor(BaseImageProcessor):
 
     def square_canvas(self, images: Sequence[Image.Image]) -> np.ndarray:
         """The reference layout: centred on an image_size square, 4th channel = real pixels."""
+        if self.resize_rule == "area":
+            raise ValueError("pad_to_square is EVE v1's reference layout; EVEv2 images (resize_rule='area') can be longer "
+                             "than image_size on one side: use the default un-padded layout")
         side = self.image_size
         batch = np.zeros((len(images), 4, side, side), dtype=np.float32)
         batch[:, :3] = self._fill(self.image_mean, self.image_std)

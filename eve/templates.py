@@ -1,4 +1,4 @@
-"""Chat templates (`plain`, `vicuna_v1`, the reference's `eve_v1`) and loss masks built from
+"""Chat templates (`plain`, `vicuna_v1`, the reference's `eve_v1`, EVEv2's `eve2_qwen`) and loss masks built from
 character offsets (SPEC 1.4).
 
 The text is rendered once, with the character spans that carry loss (captions, assistant turns
@@ -112,6 +112,8 @@ TEMPLATES = {
     "plain": Template("plain", "", "", "", "\n"),
     "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
     "eve_v1": Template("eve_v1", EVE_V1_SYSTEM, " USER: ", " ASSISTANT: ", "</s>"),
+    # EVEv2's `qwen_v2` conversation: Vicuna's layout (not ChatML) with Qwen's <|im_end|> ending a turn.
+    "eve2_qwen": Template("eve2_qwen", VICUNA_SYSTEM, " USER: ", " ASSISTANT: ", "<|im_end|>"),
 }
 
 

@@ -99,3 +99,20 @@ def save_open_clip(model: torch.nn.Module, model_cfg: dict, path: str | Path) ->
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
     return path
+
+
+def make_tiny_qwen2(path: str | Path, seed: int = 0, **config_overrides) -> Path:
+    """Write a random tiny Qwen2ForCausalLM (q/k/v biases, as Qwen2.5's) and the tiny tokenizer
+    to `path` (a Qwen2.5-7B-Instruct stand-in for EVEv2)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(path)
+    tokenizer = make_tiny_tokenizer()
+    kwargs = {**tiny_llama_config().to_dict(), "vocab_size": len(tokenizer), **config_overrides}
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings")
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: kwargs[k] for k in keep}))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

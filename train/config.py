@@ -87,6 +87,8 @@ class TrainConfig:
         teacher_pretrained: open_clip pretrained tag or checkpoint file of the teacher.
         lr_vision: learning rate of the patch embedding, projector and PAL.
         lr_decoder: learning rate of the decoder (with lora: of its adapters); 0 freezes it.
+        lr_experts: EVEv2: learning rate of the decoder's vision experts; null: lr_decoder's.
+            0 freezes them (stage 1), lr_experts > 0 with lr_decoder 0 trains them alone.
         lora: LoRA / QLoRA settings ({"r": 16, ...}); null trains the decoder's own weights.
         warmup_ratio: share of the steps with linear warmup before the cosine decay.
         weight_decay: AdamW weight decay.
@@ -126,6 +128,7 @@ class TrainConfig:
     teacher_pretrained: str | None = None
     lr_vision: float = 4e-4
     lr_decoder: float = 0.0
+    lr_experts: float | None = None
     lora: LoraSettings | None = None
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -174,7 +177,7 @@ class TrainConfig:
 
     @property
     def trains_decoder(self) -> bool:
-        return self.lr_decoder > 0
+        return self.lr_decoder > 0 or bool(self.lr_experts)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -42,9 +42,12 @@ def build_partitioned(init_from: str, init_is_decoder: bool, flavor: str, overri
         config, processor = eve_config_for_decoder(init_from, flavor, decoder_config, **overrides)
         prefix, fresh = "language_model.", "vision."
     else:
-        config = EveConfig.from_pretrained(init_from, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(init_from, attn_implementation=attn)
         processor = AutoProcessor.from_pretrained(init_from)
         prefix, fresh = "", None
+    if type(config) is not EveConfig:  # EVEv2's experts are copied from the loaded layers, not yet done per partition
+        raise ValueError(f"zero_stage 3 builds EVE v1 models; {init_from} ({flavor if init_is_decoder else config.model_type}) "
+                         "is another family: use zero_stage 2")
     # Not transformers' own ZeRO-3 construction (HfDeepSpeedConfig + _from_config): it then
     # initialises every weight, gathering each module whole (the embedding: twice its size on
     # gloo), only for the checkpoint to overwrite them all. Here nothing is initialised but what

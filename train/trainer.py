@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import eve  # noqa: F401  (Auto classes)
 from eve.build import build_eve
+from eve.configuration_eve2 import Eve2Config
 from eve.image_io import InvalidImageError
 from eve.modeling_eve import EveForCausalLM
 from eve.patch_aligning import EveForAlignedTraining, load_pal
@@ -56,7 +57,7 @@ def load_start(cfg: TrainConfig, dist: DistInfo, ds_config: dict, dtype: torch.d
                                  cfg.attn_implementation, cfg.seed, dtype, ds_config)
     if cfg.init_is_decoder:
         return build_eve(cfg.init_from, cfg.flavor, attn_implementation=cfg.attn_implementation, seed=cfg.seed, **cfg.flavor_overrides)
-    from transformers import AutoProcessor
+    from transformers import AutoModelForCausalLM, AutoProcessor
 
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.lora is not None and cfg.lora.quantize:
@@ -64,11 +65,13 @@ def load_start(cfg: TrainConfig, dist: DistInfo, ds_config: dict, dtype: torch.d
             raise RuntimeError(f"lora.quantize={cfg.lora.quantize!r} needs CUDA (bitsandbytes); this run is on {dist.device}")
         from peft import prepare_model_for_kbit_training
 
-        model = EveForCausalLM.from_pretrained(cfg.init_from, quantization_config=quantization_config(cfg.lora, dtype),
-                                               device_map={"": dist.local_rank}, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, quantization_config=quantization_config(cfg.lora, dtype),
+                                                     device_map={"": dist.local_rank}, dtype=dtype, **kwargs)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # checkpointing is set below
     else:
-        model = EveForCausalLM.from_pretrained(cfg.init_from, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.init_from, **kwargs)  # the family's class
+    if not isinstance(model, EveForCausalLM):
+        raise ValueError(f"{cfg.init_from} is a {type(model).__name__}, not an EVE model; a bare decoder needs init_is_decoder=true")
     return model, AutoProcessor.from_pretrained(cfg.init_from)
 
 
@@ -116,6 +119,8 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     ds_config = deepspeed_config(cfg, dist.world_size, bf16)
     model, processor = load_start(cfg, dist, ds_config, dtype)
     peft_model = apply_lora(model, cfg.lora, lora_base(cfg.init_from)) if cfg.lora is not None else None
+    if cfg.pal and isinstance(model.config, Eve2Config):
+        raise ValueError("EVEv2 trains without the Patch Aligning Layer: set pal=false (the shipped eve2 configs do)")
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     module = EveForAlignedTraining(model, cfg.pal_weight, use_pal=cfg.pal)
@@ -126,7 +131,8 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
         loaded = load_pal(module.pal, cfg.init_from)
         if loaded is not None and dist.is_main:
             log.info("PAL weights from %s", loaded)
-    groups = parameter_groups(model, module.pal, cfg.lr_vision, cfg.lr_decoder, cfg.weight_decay, adapters_only=peft_model is not None)
+    groups = parameter_groups(model, module.pal, cfg.lr_vision, cfg.lr_decoder, cfg.weight_decay, adapters_only=peft_model is not None,
+                              lr_experts=cfg.lr_experts)
     teacher = None
     if cfg.pal:
         name = cfg.teacher or model.config.teacher_model
