@@ -1,5 +1,5 @@
 """Run a checkpoint on a task: batched greedy generation over images of mixed aspect ratios,
-one JSONL record per item, resumable, then a summary (JSON and Markdown).
+one JSONL record per item, resumable (the summary is eval.summary's).
 
 Records live in <out>/<task>-<settings hash>/predictions.jsonl: a re-run with the same
 checkpoint and settings skips the items already there; other settings get another folder.
@@ -7,6 +7,7 @@ checkpoint and settings skips the items already there; other settings get anothe
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import time
@@ -17,11 +18,8 @@ import torch
 from tqdm import tqdm
 
 from eve.templates import get_template
-from eval.stats import bootstrap_ci
+from eval.inputs import InputError, read_predictions
 from eval.tasks.base import Item, Task
-
-AR_BUCKETS = [(0, 0.4, "<=1:2.5"), (0.4, 0.8, "tall"), (0.8, 1.25, "~square"), (1.25, 2.5, "wide"), (2.5, 1e9, ">=2.5:1")]
-MP_BUCKETS = [(0, 0.1, "<0.1MP"), (0.1, 0.5, "0.1-0.5MP"), (0.5, 2, "0.5-2MP"), (2, 1e9, ">2MP")]
 
 
 def settings_hash(settings: dict) -> str:
@@ -53,10 +51,6 @@ def model_fingerprint(model: str | Path, commit_hash: str | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _bucket(value: float, buckets) -> str:
-    return next(name for lo, hi, name in buckets if lo <= value < hi)
-
-
 def run_items(
     model,
     processor,
@@ -71,24 +65,32 @@ def run_items(
     """Generate and score every item not yet in run_dir/predictions.jsonl; returns all records."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "predictions.jsonl"
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["question_id"]] = r
-    todo = [it for it in items if it.question_id not in done]
     tpl = get_template(template)
     device = next(model.parameters()).device
-    with open(path, "a") as out, tqdm(total=len(items), initial=len(items) - len(todo), desc=task.name, unit="item") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            for record in _run_batch(model, processor, task, batch, tpl, max_new_tokens or task.max_new_tokens, transform, device):
-                out.write(json.dumps(record) + "\n")
-                done[record["question_id"]] = record
-            out.flush()
-            bar.update(len(batch))
+    with open(path, "a") as out:
+        _lock(out, path)
+        # a torn last record (kill -9, full disk) is cut off and its item redone; see eval.inputs
+        done = read_predictions(path, "output", repair=True).rows
+        todo = [it for it in items if it.question_id not in done]
+        with tqdm(total=len(items), initial=len(items) - len(todo), desc=task.name, unit="item") as bar:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                for record in _run_batch(model, processor, task, batch, tpl, max_new_tokens or task.max_new_tokens,
+                                         transform, device):
+                    out.write(json.dumps(record) + "\n")
+                    done[record["question_id"]] = record
+                out.flush()
+                bar.update(len(batch))
     return [done[it.question_id] for it in items if it.question_id in done]
+
+
+def _lock(handle, path: Path) -> None:
+    """One run per records file (released when the file closes): a second would redo the same
+    items, and its cutting of a torn tail could cut the line the first is writing."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"{path}: another eve-eval run is writing this file; wait for it or pass another --out") from None
 
 
 def _run_batch(model, processor, task, batch, tpl, max_new_tokens, transform, device) -> list[dict]:
@@ -141,37 +143,3 @@ def _record(item, prompt, output, score, image, processed, n_visual, latency, er
         "target": item.target, "meta": item.meta, "native_size": list(image.size) if image is not None else None,
         "processed_size": processed, "visual_tokens": n_visual, "latency_s": latency, "error": error,
     }
-
-
-def summarize(task: Task, records: list[dict]) -> dict:
-    """Task metrics, a bootstrap CI of the mean score, errors, and accuracy by native aspect
-    ratio and megapixels."""
-    scored = [r for r in records if r["score"] is not None]
-    summary = {"task": task.name, "items": len(records), "errors": sum(r["error"] is not None for r in records)}
-    summary.update(task.summarize(scored))
-    scores = [r["score"] for r in scored]
-    summary["mean_score"] = sum(scores) / len(scores) if scores else 0.0
-    summary["mean_score_ci95"] = list(bootstrap_ci(scores))
-    for key, buckets, fn in (("by_aspect_ratio", AR_BUCKETS, lambda w, h: w / h), ("by_megapixels", MP_BUCKETS, lambda w, h: w * h / 1e6)):
-        groups: dict = {}
-        for r in scored:
-            if r["native_size"]:
-                groups.setdefault(_bucket(fn(*r["native_size"]), buckets), []).append(r["score"])
-        summary[key] = {name: {"n": len(v), "accuracy": sum(v) / len(v)} for name, v in groups.items()}
-    tokens = [r["visual_tokens"] for r in scored if r["visual_tokens"]]
-    summary["mean_visual_tokens"] = sum(tokens) / len(tokens) if tokens else 0
-    summary["mean_latency_s"] = sum(r["latency_s"] for r in scored) / len(scored) if scored else 0.0
-    return summary
-
-
-def write_summary(summary: dict, run_dir: Path) -> None:
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = [f"# {summary['task']}", "", "| metric | value |", "| --- | --- |"]
-    for key, value in summary.items():
-        if isinstance(value, (int, float)):
-            lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    for key in ("by_aspect_ratio", "by_megapixels"):
-        if summary.get(key):
-            lines += ["", f"## {key.replace('_', ' ')}", "", "| bucket | n | accuracy |", "| --- | --- | --- |"]
-            lines += [f"| {b} | {v['n']} | {v['accuracy']:.4f} |" for b, v in summary[key].items()]
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")

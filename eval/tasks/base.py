@@ -33,7 +33,8 @@ class Task:
 
     def targets(self, annotations: Path, questions: Path | None = None) -> dict[str, Any]:
         """question_id -> target, from the annotation file alone (for `eve-eval score`)."""
-        return {item.question_id: item.target for item in self.load(questions or annotations, annotations, None)}
+        return by_id(self.load(questions or annotations, annotations, None), lambda item: item.question_id,
+                     lambda item: item.target)
 
     def parse(self, output: str, item: Item) -> str:
         return output.strip()
@@ -47,14 +48,27 @@ class Task:
         return {"accuracy": sum(scores) / len(scores) if scores else 0.0}
 
 
+def by_id(rows, key: Callable, value: Callable) -> dict:
+    """{key(row): value(row)}, refusing an id given twice: a dict would keep the last quietly."""
+    out = {}
+    for row in rows:
+        k = key(row)
+        if k in out:
+            raise ValueError(f"question id {k!r} appears more than once")
+        out[k] = value(row)
+    return out
+
+
 def bad_row(question_id: str, where: str, error: Exception) -> Item:
     """A malformed row becomes an item whose image cannot be opened: the runner records it as
     that item's error and goes on."""
 
-    def fail():
-        raise ValueError(f"{where}: malformed row: {type(error).__name__}: {error}")
+    problem = f"{where}: malformed row: {type(error).__name__}: {error}"
 
-    return Item(question_id, "", fail, None, {"malformed": True})
+    def fail():
+        raise ValueError(problem)
+
+    return Item(question_id, "", fail, None, {"malformed": True, "problem": problem})
 
 
 def rows_to_items(rows, make_item, where: str, key=lambda i, row: str(i)) -> list[Item]:
@@ -65,7 +79,7 @@ def rows_to_items(rows, make_item, where: str, key=lambda i, row: str(i)) -> lis
         try:
             made = make_item(row)
             items.extend([] if made is None else made if isinstance(made, list) else [made])
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # a row of the wrong shape
             items.append(bad_row(f"malformed-{key(i, row)}", f"{where} row {i}", e))
     return items
 
@@ -101,7 +115,7 @@ def read_tsv(path: Path) -> list[dict]:
     import sys
 
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of a name
         return list(csv.DictReader(f, delimiter="\t"))
 
 

@@ -22,11 +22,17 @@ class MME(Task):
         for task_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             qa_dir = task_dir / "questions_answers_YN"
             for txt in sorted((qa_dir if qa_dir.is_dir() else task_dir).glob("*.txt")):
-                for n, line in enumerate(txt.read_text().splitlines()):
+                try:
+                    lines = txt.read_text(encoding="utf-8-sig").splitlines()
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{txt}: not UTF-8 ({e.reason} at byte {e.start})") from e
+                for n, line in enumerate(lines):
                     parts = line.split("\t")
                     if len(parts) != 3:
                         raise ValueError(f"{txt}:{n + 1}: expected image<TAB>question<TAB>answer")
                     image_name, question, answer = parts
+                    if answer.strip().lower() not in ("yes", "no"):  # else always scored wrong
+                        raise ValueError(f"{txt}:{n + 1}: answer {answer!r} is neither Yes nor No")
                     image_dir = task_dir / "images" if (task_dir / "images").is_dir() else task_dir
                     items.append(Item(f"{task_dir.name}/{image_name}/{n}", question, file_image(image_dir / image_name),
                                       answer, {"subtask": task_dir.name, "image": image_name}))

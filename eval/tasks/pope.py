@@ -17,12 +17,15 @@ class POPE(Task):
 
     def load(self, questions, annotations, images, **options):
         path = Path(annotations or questions)
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
         def make(line):
             r = json.loads(line)
+            label = r.get("label")
+            if label is not None and str(label).strip().lower() not in ("yes", "no"):  # else always scored wrong
+                raise ValueError(f"label {label!r} is neither yes nor no")
             image = file_image(Path(images) / r["image"]) if images else None
-            return Item(str(r["question_id"]), f"{r['text']}\n{SHORT_ANSWER}", image, r.get("label"),
+            return Item(str(r["question_id"]), f"{r['text']}\n{SHORT_ANSWER}", image, label,
                         {"category": r.get("category", "")})
 
         return rows_to_items(lines, make, str(path))

@@ -6,14 +6,25 @@ import json
 from pathlib import Path
 
 from eval.scoring.vqa import exact_match, vqa_accuracy
-from eval.tasks.base import SHORT_ANSWER, Item, Task, file_image, register, rows_to_items
+from eval.tasks.base import SHORT_ANSWER, Item, Task, by_id, file_image, register, rows_to_items
 
 
 def _load_json(path: Path):
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: as Windows editors save it
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from e
+
+
+def _answers(answers: list) -> list[str] | None:
+    """The human answers ({"answer": ...} or plain strings), or None (unscored, and counted so)
+    where a split ships none: VQA accuracy over zero answers is undefined."""
+    if not isinstance(answers, list):
+        raise TypeError(f"answers must be a list, not {type(answers).__name__}")
+    out = [a["answer"] if isinstance(a, dict) else a for a in answers]
+    if not all(isinstance(a, str) for a in out):  # checked here: the scorer would fail mid-run
+        raise TypeError(f"answers must be strings: {out[:3]!r}")
+    return out or None
 
 
 class _VqaTask(Task):
@@ -29,11 +40,9 @@ class VQAv2(_VqaTask):
     name = "vqav2"
 
     def load(self, questions, annotations, images, **options):
-        qs = _load_json(questions)["questions"]
-        answers = {}
-        if annotations:
-            answers = {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in _load_json(annotations)["annotations"]}
-        split = _load_json(questions).get("data_subtype", "val2014")
+        raw = _load_json(questions)
+        qs, split = raw["questions"], raw.get("data_subtype", "val2014")
+        answers = self.targets(annotations) if annotations else {}
 
         def make(q):
             image = None
@@ -45,7 +54,8 @@ class VQAv2(_VqaTask):
         return rows_to_items(qs, make, str(questions))
 
     def targets(self, annotations, questions=None):
-        return {str(a["question_id"]): [x["answer"] for x in a["answers"]] for a in _load_json(annotations)["annotations"]}
+        return by_id(_load_json(annotations)["annotations"], lambda a: str(a["question_id"]),
+                     lambda a: _answers(a["answers"]))
 
 
 @register
@@ -59,7 +69,7 @@ class VizWiz(_VqaTask):
         prompt = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER
         return rows_to_items(rows, lambda r: Item(r["image"], f"{r['question']}\n{prompt}",
                                                   file_image(Path(images) / r["image"]) if images else None,
-                                                  [a["answer"] for a in r.get("answers", [])]), str(annotations or questions))
+                                                  _answers(r.get("answers", []))), str(annotations or questions))
 
 
 @register
@@ -77,7 +87,7 @@ class TextVQA(_VqaTask):
             if ocr and r.get("ocr_tokens"):
                 question += "\nReference OCR token: " + ", ".join(r["ocr_tokens"])
             image = file_image(Path(images) / f"{r['image_id']}.jpg") if images else None
-            return Item(str(r["question_id"]), f"{question}\n{SHORT_ANSWER}", image, r.get("answers", []))
+            return Item(str(r["question_id"]), f"{question}\n{SHORT_ANSWER}", image, _answers(r.get("answers", [])))
 
         return rows_to_items(rows, make, str(annotations or questions))
 
@@ -90,9 +100,15 @@ class GQA(Task):
 
     def load(self, questions, annotations, images, **options):
         rows = _load_json(questions)
-        return rows_to_items(list(rows.items()), lambda kv: Item(str(kv[0]), f"{kv[1]['question']}\n{SHORT_ANSWER}",
-                             file_image(Path(images) / f"{kv[1]['imageId']}.jpg") if images else None, kv[1].get("answer")),
-                             str(questions), key=lambda i, kv: kv[0])
+
+        def make(kv):
+            qid, q = kv
+            if not isinstance(q.get("answer", ""), str):  # the scorer would fail mid-run
+                raise TypeError(f"answer must be a string, not {type(q['answer']).__name__}")
+            image = file_image(Path(images) / f"{q['imageId']}.jpg") if images else None
+            return Item(str(qid), f"{q['question']}\n{SHORT_ANSWER}", image, q.get("answer"))
+
+        return rows_to_items(list(rows.items()), make, str(questions), key=lambda i, kv: kv[0])
 
     def score(self, parsed, target) -> float:
         return exact_match(parsed, target)
