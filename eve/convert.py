@@ -1,13 +1,17 @@
 """eve-convert: EVE checkpoints in the reference code's layout (BAAI/EVE-7B-v1.0, BAAI/EVE-7B-HD-v1.0)
-to EVE-kit checkpoints, and back.
+to EVE-kit checkpoints, and back; and EVEv2 releases (BAAI/EVE-7B-HD-v2.0) to EVE-kit's EVEv2.
 
     hf download BAAI/EVE-7B-HD-v1.0 --local-dir EVE-7B-HD-v1.0
     eve-convert EVE-7B-HD-v1.0 eve-7b-hd                      # then from_pretrained("eve-7b-hd")
-    eve-convert --to reference runs/stage3/final eve-ref     # for the reference's own scripts
+    eve-convert EVE-7B-HD-v2.0 eve2-7b-hd                     # EVEv2 (eve.convert_v2)
+    eve-convert --to reference runs/stage3/final eve-ref     # for the reference's own scripts (v1 only)
 
-Every weight is mapped (eve.reference_layout), or the conversion stops naming it; shapes and
-config values are checked against the EveConfig they imply before anything is written. The
-PAL's weights go to a side file (`pal.safetensors`) that eve-train picks up when it continues
+The release family comes from SRC's config.json: model_type "eve" is EVE v1, "eve-qwen2" EVEv2
+(its vision experts become EVE-kit's modality experts; no PAL, so no --teacher).
+
+Every weight is mapped (eve.reference_layout, eve.reference_layout_v2), or the conversion stops
+naming it; shapes and config values are checked against the EveConfig (Eve2Config) they imply
+before anything is written. The v1 PAL's weights go to a side file (`pal.safetensors`) that eve-train picks up when it continues
 with PAL on; the reference's copies of the CLIP teacher are dropped (EVE-kit loads the teacher
 through open_clip). Weights stream tensor by tensor into safetensors shards (5 GB by default) in
 their source dtype, so memory stays bounded by a shard; `.bin` files load only with
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("src", type=Path, help="checkpoint folder to convert")
     parser.add_argument("out", type=Path, help="output folder (must not exist, or be empty, unless --overwrite)")
     parser.add_argument("--to", choices=["eve-kit", "reference"], default="eve-kit",
-                        help="eve-kit: SRC is in the reference's layout (default); reference: SRC is an EVE-kit checkpoint")
+                        help="eve-kit: SRC is a release, EVE v1 or EVEv2 by its model_type (default); reference: SRC is an EVE-kit EVE v1 checkpoint")
     parser.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD, help="largest output shard (default 5GB)")
     parser.add_argument("--teacher", help="open_clip name (or local dir) of the PAL teacher, when mm_vision_tower_clip is not one EVE-kit knows")
     parser.add_argument("--teacher-pretrained", help="open_clip pretrained tag or file for --teacher")
@@ -411,9 +415,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="a config.json field you have checked is harmless (repeatable)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
+    from eve.convert_v2 import convert_eve2_release, detect_family  # eve.convert_v2 builds on this module
+
     try:
+        family = detect_family(args.src)
         if args.to == "reference":
+            if family != "eve":
+                raise ConversionError(f"{args.src} is an EVEv2 release already; --to reference takes an EVE-kit EVE v1 checkpoint")
             out = convert_eve_to_reference(args.src, args.out, args.max_shard_size, args.overwrite)
+        elif family == "eve2":
+            if args.teacher or args.teacher_pretrained:
+                raise ConversionError("--teacher/--teacher-pretrained are for EVE v1 releases (EVEv2 has no PAL)")
+            out = convert_eve2_release(args.src, args.out, args.max_shard_size, tuple(args.ignore_config_key), args.overwrite)
         else:
             out = convert_reference_to_eve(args.src, args.out, args.max_shard_size, args.teacher, args.teacher_pretrained,
                                            tuple(args.ignore_config_key), args.overwrite)

@@ -106,13 +106,10 @@ def vision_tower_geometry(cfg: dict, src: Path) -> dict:
     """Image geometry of the reference's `mm_vision_tower` preprocessor: from its
     preprocessor_config.json when that folder is at hand (absolute, or relative to the
     checkpoint), else from the folder name (`eve-patch14-anypixel-672`)."""
-    tower = cfg.get("mm_vision_tower")
-    if not isinstance(tower, str) or not tower:
-        raise ConversionError("config.json: `mm_vision_tower` is missing: this is not an EVE checkpoint in the released layout")
-    for folder in (Path(tower), src / tower, src / Path(tower).name):
-        pre = folder / "preprocessor_config.json"
-        if pre.is_file():
-            return _geometry_from_preprocessor(json.loads(pre.read_text()), pre)
+    tower = mm_vision_tower(cfg)
+    pre = tower_preprocessor(tower, src)
+    if pre is not None:
+        return _geometry_from_preprocessor(json.loads(pre.read_text()), pre)
     m = re.search(r"patch(\d+)-anypixel-(\d+)", Path(tower).name)
     if not m:
         raise ConversionError(
@@ -121,6 +118,22 @@ def vision_tower_geometry(cfg: dict, src: Path) -> dict:
         )
     return {"patch_size": int(m[1]), "image_size": int(m[2]), "teacher_image_size": 336, "teacher_patch_size": 14,
             "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "source": f"name {tower!r}"}
+
+
+def mm_vision_tower(cfg: dict) -> str:
+    tower = cfg.get("mm_vision_tower")
+    if not isinstance(tower, str) or not tower:
+        raise ConversionError("config.json: `mm_vision_tower` is missing: this is not an EVE checkpoint in the released layout")
+    return tower
+
+
+def tower_preprocessor(tower: str, src: Path) -> Path | None:
+    """The vision tower's preprocessor_config.json, where the reference's code would find it
+    (the name as a path) or beside the checkpoint (the name, or its last part, under `src`)."""
+    for folder in (Path(tower), src / tower, src / Path(tower).name):
+        if (folder / "preprocessor_config.json").is_file():
+            return folder / "preprocessor_config.json"
+    return None
 
 
 def _geometry_from_preprocessor(pre: dict, path: Path) -> dict:
@@ -153,23 +166,29 @@ def teacher_of(cfg: dict) -> tuple[str, str | None]:
 
 def check_fields(cfg: dict, ignore: set[str] = frozenset()) -> None:
     """Refuse settings EVE-kit cannot represent, and fields it does not know."""
-    for field, required, why in FIXED_FIELDS:
+    check_known_fields(cfg, LLAMA_FIELDS | IGNORED_FIELDS, FIXED_FIELDS, ignore)
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"config.json: hidden_act {cfg['hidden_act']!r}: the reference decoder is a LLaMA (silu)")
+
+
+def check_known_fields(cfg: dict, known: set[str], fixed: list[tuple[str, object, str]], ignore: set[str] = frozenset()) -> None:
+    """Refuse `fixed` fields (field, only value, why) at any other value, and fields neither
+    `known`, fixed nor ignored by the user."""
+    for field, required, why in fixed:
         if field in cfg and cfg[field] != required:
             raise ConversionError(f"config.json: {field} = {cfg[field]!r} is not supported ({why}; only {required!r})")
-    known = LLAMA_FIELDS | IGNORED_FIELDS | {f for f, _, _ in FIXED_FIELDS} | set(ignore)
+    known = known | {f for f, _, _ in fixed} | set(ignore)
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ConversionError(
             f"config.json: unknown field(s) {unknown}: EVE-kit cannot tell whether it represents them "
             "(pass --ignore-config-key NAME for each one you have checked is harmless)"
         )
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"config.json: hidden_act {cfg['hidden_act']!r}: the reference decoder is a LLaMA (silu)")
 
 
-def llama_fields(cfg: dict) -> dict:
-    """The decoder's LlamaConfig arguments; RoPE settings as transformers 5's `rope_parameters`."""
-    fields = {k: v for k, v in cfg.items() if k in LLAMA_FIELDS and k not in ("rope_theta", "rope_scaling")}
+def llama_fields(cfg: dict, names: set[str] = LLAMA_FIELDS) -> dict:
+    """The decoder config's arguments among `names`; RoPE settings as transformers 5's `rope_parameters`."""
+    fields = {k: v for k, v in cfg.items() if k in names and k not in ("rope_theta", "rope_scaling")}
     rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
     scaling = cfg.get("rope_scaling")
     if scaling:
