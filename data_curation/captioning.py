@@ -24,7 +24,7 @@ from data_curation.decisions import PipelineState, shard_items
 from data_curation.failures import clean_detail, failure_of
 from data_curation.progress import ShardBar, stage_log
 from data_curation.shards import CurationError, Part, StageDir, atomic_path, pause_for_tests, read_jsonl, write_jsonl_atomic
-from data_curation.sources import read_item_bytes
+from data_curation.reading import ItemReader
 from eve.image_io import load_image
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -91,11 +91,12 @@ def _auto_class(config, model: str):
 def _caption_items(captioner: Captioner, items: list[dict], batch_size: int) -> list[dict]:
     """One row per item, in order: {"uid", "status": "kept", "caption", "captioner"} or a rejection."""
     rows: dict[int, dict] = {}
+    reader = ItemReader()
     for start in range(0, len(items), batch_size):
         batch, images = [], []
         for i in range(start, min(start + batch_size, len(items))):
             try:
-                images.append(load_image(read_item_bytes(items[i])))
+                images.append(load_image(reader.read(items[i])))
                 batch.append(i)
             except Exception as e:  # noqa: BLE001 - a bad item never ends the run
                 rows[i] = _rejected(items[i], *failure_of(e))
@@ -142,18 +143,21 @@ class CaptionFile:
 
     def _rows(self) -> Iterator[tuple[int, dict]]:
         if self.path.suffix == ".jsonl":
-            with open(self.path) as f:
+            with open(self.path, "rb") as f:  # decoded line by line, so an error names its line
                 for line_no, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            yield line_no, _json_row(line)
-                        except ValueError as e:
+                            yield line_no, _json_row(line.decode("utf-8"))
+                        except ValueError as e:  # UnicodeDecodeError included
                             raise CurationError(f"{self.path}:{line_no}: not a JSON object: {e}") from e
         elif self.path.suffix in (".csv", ".tsv"):
-            with open(self.path, newline="") as f:
+            with open(self.path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f, delimiter="\t" if self.path.suffix == ".tsv" else ",")
-                for row in reader:
-                    yield reader.line_num, row
+                try:
+                    for row in reader:
+                        yield reader.line_num, row
+                except UnicodeDecodeError as e:
+                    raise CurationError(f"{self.path}: not UTF-8 text after line {reader.line_num}: {e}") from None
         else:
             raise CurationError(f"--captions-file {self.path}: expected .jsonl, .csv or .tsv")
 

@@ -50,15 +50,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         return p
 
     p = stage("scan", "list the images of every input with a stable uid and their size from the header",
-              "Inputs: folders (recursive), webdataset .tar shards, img2dataset parquet with its images in the tar or\n"
-              "folder of the same name or beside it. Writes scan/shard-*.jsonl.")
+              "Inputs: folders (recursive), webdataset .tar shards, img2dataset parquet with its images in itself\n"
+              "(--output_format parquet), in the tar or folder of the same name, or beside it. Writes scan/shard-*.jsonl.\n"
+              "What cannot be an image (a FIFO, a corrupt tar or parquet, a .tar.gz, ...) is listed with its reason.")
     p.add_argument("--input", action="append", required=True, metavar="NAME=PATH",
                    help="a source: NAME=folder|x.tar|x.parquet (repeatable)")
     p.add_argument("--shard-size", type=int, default=5000, help="items per shard, the unit of resumption (default 5000)")
 
     p = stage("filter", "reject too small, too elongated, undecodable and (optionally) duplicate images",
-              "Reasons: too_small, bad_aspect, missing, empty, decode_error, too_large, duplicate. Writes filter/shard-*.jsonl\n"
-              "with every item and its decision.")
+              "Reasons: too_small, bad_aspect, missing, empty, decode_error, too_large, duplicate, and those the scan\n"
+              "found: not_a_file, unreadable, unreadable_container, unsupported_container, duplicate_name, ambiguous_path.\n"
+              "Writes filter/shard-*.jsonl with every item and its decision.")
     p.add_argument("--min-side", type=int, default=448, help="minimum of width and height (SPEC 3: 448)")
     p.add_argument("--max-aspect", type=float, default=4.0, help="maximum long side / short side (default 4)")
     p.add_argument("--dedup", action="store_true", help="reject exact duplicates (hash of the bytes; the first in scan order stays)")

@@ -3,9 +3,11 @@ that has not finished its shard. One function computes it, shard by shard, so th
 captioning and export always agree and memory stays bounded by a shard.
 
 The flow of an item: filter -> (embed -> select, for the sources that are clustered) ->
-caption (once that stage has started). Shard i of every stage holds the items of scan shard i,
-and each join below checks that the stages agree on which items they saw: the counts add up by
-construction, and a stale or mixed folder is reported instead of miscounted.
+caption (once that stage has started). What the scan found unusable (a FIFO, a corrupt tar, ...)
+is rejected by the filter stage with the scan's reason, so it is counted there. Shard i of every
+stage holds the items of scan shard i, and each join below checks that the stages agree on which
+items they saw: the counts add up by construction, and a stale or mixed folder is reported
+instead of miscounted.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from data_curation.failures import failure_of
 from data_curation.progress import ShardBar, stage_log
 from data_curation.shards import (CurationError, Part, StageDir, pause_for_tests, read_json, save_npy_atomic,
                                   write_json_atomic)
-from data_curation.sources import read_item_bytes
+from data_curation.reading import ItemReader
 from eve.image_io import load_image
 
 log = stage_log("embed")
@@ -33,13 +33,14 @@ class _Images(torch.utils.data.Dataset):
 
     def __init__(self, items: list[dict], preprocess):
         self.items, self.preprocess = items, preprocess
+        self.reader = ItemReader()  # each DataLoader worker reads through its own copy
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess(load_image(read_item_bytes(self.items[i]))), None
+            return i, self.preprocess(load_image(self.reader.read(self.items[i]))), None
         except Exception as e:  # noqa: BLE001 - a bad item never ends the run
             return i, None, failure_of(e)
 

@@ -2,30 +2,32 @@
 
 Each output shard holds every item of its scan shard with a decision: {"status": "kept"} or
 {"status": "rejected", "reason": ..., "detail": ...}. The checks, in order (the first that
-fails names the reason): the image exists (missing), sizes from the header (too_small,
-bad_aspect; cheap, so most rejections cost no decode), a full decode through
-eve.image_io.load_image (empty, decode_error, too_large for decompression bombs; CMYK, 16-bit,
-palette, alpha and animated images are converted, not rejected), the sizes again after EXIF
-orientation, then exact duplicates (duplicate; the first in scan order is kept).
+fails names the reason): what the scan already found unusable (its reason: missing, not_a_file,
+unreadable_container, ... see sources.py), sizes from the header (too_small, bad_aspect; cheap,
+so most rejections cost no decode), reading the bytes (missing, not_a_file, unreadable) and a
+full decode through eve.image_io.load_image (empty, decode_error, too_large for decompression
+bombs; CMYK, 16-bit, palette, alpha and animated images are converted, not rejected), the sizes
+again after EXIF orientation, then exact duplicates (duplicate; the first in scan order is kept).
 
-Decoding runs in `--workers` processes; the duplicate check runs in the parent in scan order,
-and a resumed run rebuilds its set of seen hashes from the finished shards (16 bytes per kept
-image in memory).
+Decoding runs in `--workers` processes (data_curation.workers: they die with the run, so a
+`kill -9` leaves none behind), each task a run of consecutive items read through one
+ItemReader (a parquet row group is read once per task); the duplicate check runs in the parent
+in scan order, and a resumed run rebuilds its set of seen hashes from the finished shards (16
+bytes per kept image in memory).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
-import multiprocessing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_curation.failures import failure_of
 from data_curation.progress import bar, stage_log
 from data_curation.shards import CurationError, StageDir, pause_for_tests, read_jsonl, write_jsonl_atomic
-from data_curation.sources import read_item_bytes
+from data_curation.reading import ItemReader
+from data_curation.workers import process_pool
 from eve.image_io import load_image
 
 log = stage_log("filter")
@@ -53,15 +55,17 @@ def _size_reason(w: int | None, h: int | None, s: FilterSettings) -> str | None:
     return None
 
 
-def judge(item: dict, settings: FilterSettings) -> dict:
+def judge(item: dict, settings: FilterSettings, reader: ItemReader | None = None) -> dict:
     """The decision for one item, without the duplicate check (which needs scan order). Never
     raises: anything that goes wrong with one image is that image's rejection."""
     out = dict(item)
+    if item.get("reason"):  # the scan found it unusable and said why
+        return {**out, "status": "rejected"}
     reason = _size_reason(item.get("width"), item.get("height"), settings)
     if reason:
         return {**out, "status": "rejected", "reason": reason}
     try:
-        data = read_item_bytes(item)
+        data = (reader or ItemReader()).read(item)
         img = load_image(data, settings.max_pixels)
         out["width"], out["height"] = img.size  # after EXIF orientation
     except Exception as e:  # noqa: BLE001 - a bad item never ends the run
@@ -73,6 +77,12 @@ def judge(item: dict, settings: FilterSettings) -> dict:
     if settings.dedup:
         out["content_hash"] = hashlib.blake2b(data, digest_size=16).hexdigest()
     return {**out, "status": "kept"}
+
+
+def judge_run(items: list[dict], settings: FilterSettings) -> list[dict]:
+    """The decisions for consecutive items (one worker task), through one reader."""
+    reader = ItemReader()
+    return [judge(it, settings, reader) for it in items]
 
 
 def _mark_duplicates(rows: list[dict], seen: set[bytes]) -> None:
@@ -99,8 +109,8 @@ def filter_stage(out: Path, settings: FilterSettings, workers: int = 0) -> dict:
     done = [i for i in range(len(sizes)) if stage.shard(i, ".jsonl").exists()]
     log.info("%d of %d shard(s) already done%s", len(done), len(sizes),
              "; rebuilding the duplicate set" if settings.dedup and done else "")
-    pool = _pool(workers)
-    check = functools.partial(judge, settings=settings)
+    pool = process_pool(workers)
+    check = functools.partial(judge_run, settings=settings)
     try:
         with bar(sum(sizes), "filter", "img") as progress:
             for index, n in enumerate(sizes):
@@ -113,9 +123,10 @@ def filter_stage(out: Path, settings: FilterSettings, workers: int = 0) -> dict:
                     continue
                 items = list(read_jsonl(scan.shard(index, ".jsonl")))
                 if pool:
-                    rows = list(pool.map(check, items, chunksize=max(1, len(items) // (4 * workers))))
+                    step = max(1, -(-len(items) // (4 * workers)))
+                    rows = [r for run in pool.map(check, [items[i:i + step] for i in range(0, len(items), step)]) for r in run]
                 else:
-                    rows = [check(it) for it in items]
+                    rows = check(items)
                 _mark_duplicates(rows, seen)
                 write_jsonl_atomic(target, rows)
                 progress.update(n)
@@ -130,12 +141,3 @@ def filter_stage(out: Path, settings: FilterSettings, workers: int = 0) -> dict:
     stage.mark_complete(counts)
     log.info("kept %d, rejected %d of %d", counts["kept"], counts["rejected"], sum(sizes))
     return counts
-
-
-def _pool(workers: int) -> concurrent.futures.ProcessPoolExecutor | None:
-    """Worker processes forked from this one (no re-import of torch per worker)."""
-    if workers <= 0:
-        return None
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)

@@ -11,6 +11,10 @@ the stage it read from): re-running with other settings is refused instead of mi
 two ways. `done.json` marks a finished stage and holds its counts. A lock file keeps two runs
 from writing the same shards at once (filelock's; released by the kernel when a process dies, and
 never held by the worker processes a run forks, so `kill -9` of a run never blocks the re-run).
+
+JSON files are UTF-8. A file name that is not valid UTF-8 reaches Python as a str with lone
+surrogates (surrogateescape); they are written as JSON escapes (`\\udcff`), which every JSON
+reader turns back into the same str, and open() back into the original bytes.
 """
 
 from __future__ import annotations
@@ -65,10 +69,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def open_json_text(path: Path, mode: str = "r"):
+    """A JSON file opened as UTF-8 text. Writing, lone surrogates (from file names that are not
+    valid UTF-8) become `\\udcxx`: they only occur inside JSON strings, where that is their
+    JSON escape, so the file stays valid UTF-8 and the names read back unchanged."""
+    return open(path, mode, encoding="utf-8", errors="backslashreplace" if "w" in mode else "strict")
+
+
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
     """Streams `rows` into `path` (one JSON object a line); returns how many were written."""
     n = 0
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open_json_text(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
@@ -76,8 +87,8 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    with atomic_path(path) as tmp, open_json_text(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -91,7 +102,7 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path) as f:
+    with open_json_text(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -102,7 +113,7 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CurationError(f"{path}: not JSON: {e}") from e
 

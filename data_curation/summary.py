@@ -4,6 +4,8 @@ final place of every item, rewritten after every stage.
 The counts come from one streaming pass over the per-shard decisions (memory: one shard) and are
 checked against what each stage recorded when it finished (its done.json) and against the scan:
 every scanned item is kept, rejected with a reason, or pending a stage that has not finished.
+The scan's entry also shows what it found unusable (recorded by the filter with its reason) and
+what it skipped as not images (sidecars, tar directories, hidden and other files).
 A mismatch is written into the summary (counts_add_up: false, problems) and raised.
 """
 
@@ -54,7 +56,8 @@ def build_summary(out: Path) -> dict:
 
     scan_info = scan.done_info()
     stages = summary["stages"]
-    stages["scan"] = {"finished": True, "items": scan_info["items"], "shards": scan_info["shards"], "by_source": scan_info["by_source"]}
+    stages["scan"] = {"finished": True, "items": scan_info["items"], "shards": scan_info["shards"], "by_source": scan_info["by_source"],
+                      **{k: scan_info[k] for k in ("unusable", "skipped") if k in scan_info}}
     for name in FLOW:
         d = StageDir(out, name)
         if not d.started:

@@ -7,9 +7,11 @@ so a reference is split at the first `.tar#`, and only there: this is the one pa
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 TAR_MARK = ".tar#"
 
@@ -31,20 +33,32 @@ class NotRegularFileError(ValueError):
     """A FIFO, socket, device or directory where an image file was expected."""
 
 
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file. A FIFO, socket or device named like an image would block a
-    plain open() or read() forever (and a run lock with it): it is opened without blocking and
-    refused with NotRegularFileError naming it, as is a directory; a missing file gives
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """A regular file opened for reading, for readers that take only what they need (Pillow's
+    header, tarfile, pyarrow). A FIFO, socket, device or directory named like an image would
+    block a plain open() or read() forever (and a run lock with it): it is opened without
+    blocking and refused with NotRegularFileError naming it; a missing file gives
     FileNotFoundError."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # what opening a socket gives
+            raise NotRegularFileError(f"{path} is not a regular file (a socket)") from None
+        raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularFileError(f"{path} is not a regular file ({_kind(mode)})")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
+            raise NotRegularFileError(f"{path} is not a regular file ({file_kind(mode)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (see open_regular_file)."""
+    with open_regular_file(path) as f:
+        return f.read()
 
 
 def is_regular_file(path: Path) -> bool:
@@ -55,9 +69,10 @@ def is_regular_file(path: Path) -> bool:
         return False
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+def file_kind(mode: int) -> str:
+    """What a file that is not regular is, for messages."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
         if test(mode):
             return name
-    return "not a regular file"
+    return "an unknown kind of file"
