@@ -43,17 +43,34 @@ class Routing:
         flat = image_mask.reshape(-1)
         return cls(flat.nonzero().squeeze(-1), (~flat).nonzero().squeeze(-1))
 
-    def apply(self, x: torch.Tensor, text_fn: nn.Module, vision_fn: nn.Module) -> torch.Tensor:
-        """text_fn on the text positions of x [B, L, d_in], vision_fn on the image ones -> [B, L, d_out]."""
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, L, d] -> (text rows [Nt, d], image rows [Nv, d])."""
         flat = x.reshape(-1, x.shape[-1])
-        t = text_fn(flat.index_select(0, self.text))  # [Nt, d_out]
-        v = vision_fn(flat.index_select(0, self.vision))  # [Nv, d_out]
-        out = t.new_empty(flat.shape[0], t.shape[-1]).index_copy(0, self.text, t).index_copy(0, self.vision, v.to(t.dtype))
-        return out.view(*x.shape[:-1], -1)
+        return flat.index_select(0, self.text), flat.index_select(0, self.vision)
+
+    def merge(self, t: torch.Tensor, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The inverse of split, into [*shape[:-1], d_out]. In place into one new buffer: an
+        out-of-place index_copy would copy the whole output once per modality."""
+        out = t.new_empty(t.shape[0] + v.shape[0], t.shape[-1])
+        out.index_copy_(0, self.text, t)
+        out.index_copy_(0, self.vision, v.to(t.dtype))
+        return out.view(*shape[:-1], -1)
 
 
-def _route(routing: Routing | None, x: torch.Tensor, text_fn: nn.Module, vision_fn: nn.Module) -> torch.Tensor:
-    return text_fn(x) if routing is None else routing.apply(x, text_fn, vision_fn)
+def _apply(parts, text_fn: nn.Module, vision_fn: nn.Module):
+    """Each modality's module on its own rows: `parts` is a tensor (no routing: all text) or
+    (text rows, image rows) from Routing.split."""
+    if isinstance(parts, torch.Tensor):
+        return text_fn(parts)
+    return text_fn(parts[0]), vision_fn(parts[1])
+
+
+def _merge(r: Routing | None, parts, shape: torch.Size) -> torch.Tensor:
+    return parts if r is None else r.merge(*parts, shape)
+
+
+def _split(r: Routing | None, x: torch.Tensor):
+    return x if r is None else r.split(x)
 
 
 class VisionExperts(nn.Module):
@@ -91,22 +108,23 @@ class ModalityExperts:
         vision_routing: Routing | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        r = vision_routing
-        residual = hidden_states
-        hidden_states = _route(r, hidden_states, self.input_layernorm, self.vision.input_layernorm)
-        hidden_states = residual + self._attention(hidden_states, r, position_embeddings, attention_mask, past_key_values, **kwargs)
-        residual = hidden_states
-        hidden_states = _route(r, hidden_states, self.post_attention_layernorm, self.vision.post_attention_layernorm)
-        return residual + _route(r, hidden_states, self.mlp, self.vision.mlp)
+        # Each modality's rows are gathered once per sub-block and stay apart through its norm and
+        # projections; they are merged only where tokens meet (attention) and at the residuals.
+        r, shape = vision_routing, hidden_states.shape
+        normed = _apply(_split(r, hidden_states), self.input_layernorm, self.vision.input_layernorm)
+        hidden_states = hidden_states + self._attention(normed, r, shape, position_embeddings, attention_mask,
+                                                        past_key_values, **kwargs)
+        normed = _apply(_split(r, hidden_states), self.post_attention_layernorm, self.vision.post_attention_layernorm)
+        return hidden_states + _merge(r, _apply(normed, self.mlp, self.vision.mlp), shape)
 
-    def _attention(self, x, r, position_embeddings, attention_mask, past_key_values, **kwargs) -> torch.Tensor:
+    def _attention(self, normed, r, shape, position_embeddings, attention_mask, past_key_values, **kwargs) -> torch.Tensor:
         """The layer's attention (transformers' attention interface: sdpa, flash, eager, flex), with
         q/k/v/o projected by each token's own copy."""
         attn, vis = self.self_attn, self.vision.self_attn
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        q = _route(r, x, attn.q_proj, vis.q_proj).view(shape).transpose(1, 2)  # [B, H, L, hd]
-        k = _route(r, x, attn.k_proj, vis.k_proj).view(shape).transpose(1, 2)  # [B, Hkv, L, hd]
-        v = _route(r, x, attn.v_proj, vis.v_proj).view(shape).transpose(1, 2)
+        heads = (*shape[:-1], -1, attn.head_dim)
+        q = _merge(r, _apply(normed, attn.q_proj, vis.q_proj), shape).view(heads).transpose(1, 2)  # [B, H, L, hd]
+        k = _merge(r, _apply(normed, attn.k_proj, vis.k_proj), shape).view(heads).transpose(1, 2)  # [B, Hkv, L, hd]
+        v = _merge(r, _apply(normed, attn.v_proj, vis.v_proj), shape).view(heads).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
@@ -116,8 +134,8 @@ class ModalityExperts:
             attn, q, k, v, attention_mask, dropout=0.0 if not self.training else attn.attention_dropout,
             scaling=attn.scaling, sliding_window=getattr(attn, "sliding_window", None), **kwargs,
         )
-        out = out.reshape(*x.shape[:-1], -1).contiguous()  # [B, L, H*hd]
-        return _route(r, out, attn.o_proj, vis.o_proj)
+        out = out.reshape(*shape[:-1], -1).contiguous()  # [B, L, H*hd]
+        return _merge(r, _apply(_split(r, out), attn.o_proj, vis.o_proj), shape)
 
 
 class LlamaModalityExpertsLayer(ModalityExperts, LlamaDecoderLayer):
