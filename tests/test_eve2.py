@@ -102,3 +102,24 @@ def test_save_load_and_generate_with_the_kv_cache(eve2, tmp_path):
         cached = loaded.generate(**inputs, max_new_tokens=6, do_sample=False)
         uncached = loaded.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached) and cached.shape[1] == inputs["input_ids"].shape[1] + 6
+
+
+def test_packed_rows_equal_each_sample_alone(eve2):
+    """Packing (train/packing.py) with experts: the routing follows the packed image tokens."""
+    from test_packing import _model_inputs, _sample, _segments
+
+    from train.data import collate
+    from train.packing import collate_packed
+
+    model, processor = eve2
+    samples = [_sample(processor, "<image> a red picture", Image.new("RGB", (60, 60), (200, 30, 30)), "a"),
+               _sample(processor, "text only, a little longer", None, "b"),
+               _sample(processor, "a tall one: <image> blue", Image.new("RGB", (20, 100), (30, 30, 200)), "c")]
+    batch = collate_packed(samples, processor.tokenizer.pad_token_id, sum(len(s.input_ids) for s in samples), flatten=False)
+    assert batch["input_ids"].shape[0] == 1  # one packed row
+    with torch.no_grad():
+        packed = model(**_model_inputs(batch)).logits
+        for s, (r, a, b) in zip(samples, _segments(batch)):
+            assert batch["input_ids"][r, a:b].tolist() == s.input_ids
+            alone = model(**_model_inputs(collate([s], processor.tokenizer.pad_token_id))).logits[0]
+            torch.testing.assert_close(packed[r, a:b], alone, atol=1e-5, rtol=1e-5)
