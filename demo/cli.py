@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~3-minute version: less data, fewer steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for the world, the stand-ins and training")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps for each of EVE's three stages")
+    parser.add_argument("--family", choices=["eve", "eve2", "both"], default="eve",
+                        help="model family: EVE (v1), EVEv2 (modality experts, conv-only patch embedding), or both on the "
+                             "same world, compared in the report with the text each decoder kept")
     args = parser.parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls torch.distributed APIs that torch marks deprecated, once per step
@@ -39,14 +42,20 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = (QUICK if args.quick else FULL).with_steps(args.steps)
     out = args.out or Path("runs/demo-quick" if args.quick else "runs/demo")
-    demo = Demo(out=out, plan=plan, seed=args.seed, quick=args.quick)
+    families = ("eve", "eve2") if args.family == "both" else (args.family,)
+    demo = Demo(out=out, plan=plan, seed=args.seed, quick=args.quick, families=families)
     try:
         results = demo.run()
     except KeyboardInterrupt:
         print(f"\neve-demo: interrupted; run the same command again to resume ({out})", file=sys.stderr)
         raise SystemExit(130) from None
     r = results["report"]
-    print(f"report: {out / 'report.md'}; model: {out / 'final'}")
+    final = out / "final" if families[0] == "eve" else out / families[0] / "final"
+    print(f"report: {out / 'report.md'}; model: {final}")
+    for family, f in r.get("families", {}).items():
+        text = f.get("text_accuracy")
+        kept = f" text_accuracy={text['stage2']:.3f}/{text['stage3']:.3f} (decoder {r['text_accuracy_decoder']:.3f})" if text else ""
+        print(f"{family}: heldout_accuracy={f['heldout_accuracy']:.3f} unseen_ar_accuracy={f['unseen_ar_accuracy']:.3f}{kept}")
     print(f"demo: heldout_accuracy={r['heldout_accuracy']:.3f} unseen_ar_accuracy={r['unseen_ar_accuracy']:.3f} chance={r['chance']:.2f}")
 
 

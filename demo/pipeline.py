@@ -2,6 +2,10 @@
 -> report. A finished step leaves DIR/done/<step>.json; a re-run skips it. An interrupted step is
 resumed by the tool itself (eve-curate's shards, eve-train's checkpoints, eve-eval's records) or,
 for the short ones that write a folder, redone from a clean folder.
+
+Families: EVE (v1) trains in DIR itself; EVEv2 (`--family eve2` or `both`) trains on the same
+world, stand-ins and curated data in DIR/eve2 (steps `eve2-stage1` ...). With EVEv2 in the run,
+a `language` step measures how much text each decoder kept (demo/language.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from demo.datasets import write_eval, write_pool, write_sft
 from demo.plan import DemoPlan
 
 log = logging.getLogger("eve-demo")
-STEPS = ("world", "decoder", "teacher", "curate", "stage1", "stage2", "stage3", "eval", "report")
+SHARED_STEPS = ("world", "decoder", "teacher", "curate")
+FAMILY_STEPS = ("stage1", "stage2", "stage3", "eval")
+FAMILIES = ("eve", "eve2")
 
 
 @dataclasses.dataclass
@@ -27,14 +33,29 @@ class Demo:
     plan: DemoPlan
     seed: int
     quick: bool
+    families: tuple[str, ...] = ("eve",)
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
+
+    def home(self, family: str, *parts: str) -> Path:
+        """Where a family's stages, eval and final model live: DIR for EVE, DIR/eve2 for EVEv2."""
+        return self.path(*parts) if family == "eve" else self.path(family, *parts)
+
+    @staticmethod
+    def step_name(family: str, step: str) -> str:
+        return step if family == "eve" else f"{family}-{step}"
+
+    def steps(self) -> list[str]:
+        family_steps = [self.step_name(f, s) for f in self.families for s in FAMILY_STEPS]
+        return [*SHARED_STEPS, *family_steps, *(["language"] if "eve2" in self.families else []), "report"]
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def check_settings(self) -> None:
         """A run folder belongs to one plan and seed: resuming with others would mix two runs."""
         settings = {"seed": self.seed, "quick": self.quick, "plan": dataclasses.asdict(self.plan)}
+        if self.families != ("eve",):  # (absent for EVE alone, so that earlier run folders still resume)
+            settings["families"] = list(self.families)
         path = self.path("demo.json")
         if path.exists():
             before = json.loads(path.read_text())
@@ -51,15 +72,20 @@ class Demo:
     def run(self) -> dict:
         self.check_settings()
         results = {}
-        for i, step in enumerate(STEPS, 1):
+        steps = self.steps()
+        for i, step in enumerate(steps, 1):
             finished = self.done(step)
             if finished is not None:
-                print(f"[{i}/{len(STEPS)}] {step}: done earlier ({finished['seconds']:.0f} s), skipped", flush=True)
+                print(f"[{i}/{len(steps)}] {step}: done earlier ({finished['seconds']:.0f} s), skipped", flush=True)
                 results[step] = finished
                 continue
-            print(f"[{i}/{len(STEPS)}] {step}", flush=True)
+            print(f"[{i}/{len(steps)}] {step}", flush=True)
             start = time.time()
-            result = getattr(self, f"step_{step}")(results)
+            family, _, name = step.rpartition("-")
+            if name in FAMILY_STEPS:
+                result = getattr(self, f"step_{name}")(results, family or "eve")
+            else:
+                result = getattr(self, f"step_{step}")(results)
             result["seconds"] = time.time() - start
             marker = self.path("done", f"{step}.json")
             marker.parent.mkdir(exist_ok=True)
@@ -147,19 +173,19 @@ class Demo:
         summary = json.loads((cur / "summary.json").read_text())
         return {"summary": summary, "manifest": str(cur / "export" / "train.jsonl")}
 
-    def _stage_config(self, stage: int, results: dict) -> Path:
+    def _stage_config(self, stage: int, results: dict, family: str) -> Path:
         p = self.plan
         steps = p.stage_steps[stage - 1]
         # max_length 384 cuts nothing: a square 96-px image is 157 tokens and the SFT chat around it
         # ~140. At 256, 18% of the conversations lost their last answer.
         common = dict(global_batch_size=p.batch_size, micro_batch_size=p.batch_size // 2, max_length=384, seed=self.seed,
-                      zero_stage=3 if stage == 2 else 2, gradient_checkpointing=False, num_workers=1,
+                      zero_stage=3 if stage == 2 and family == "eve" else 2,  # (EVEv2 is not built under ZeRO-3 yet) gradient_checkpointing=False, num_workers=1,
                       save_every=max(10, steps // 4), keep_last=2, log_every=5, total_steps=steps, warmup_ratio=0.05)
         if stage in (1, 2):
             data = [{"path": results["curate"]["manifest"]}]
         else:
             data = [{"path": str(self.path("world", "sft", "conversations.json"))}]
-        cfg = {
+        cfg = self._eve2_stage(stage) if family == "eve2" else {
             1: dict(init_from=str(self.path("stand_ins", "decoder")), init_is_decoder=True, flavor="demo",
                     flavor_overrides={**p.flavor_overrides, "teacher_model": str(self.path("stand_ins", "teacher"))},
                     # The paper's 4e-4. At 2e-3 the image tokens grow to >10x the norm of the word
@@ -168,54 +194,78 @@ class Demo:
             2: dict(init_from=str(self.path("stage1", "final")), template="plain", lr_vision=1e-3, lr_decoder=5e-4),
             3: dict(init_from=str(self.path("stage2", "final")), template="vicuna_v1", lr_vision=5e-4, lr_decoder=5e-4),
         }[stage]
-        cfg.update(common, stage=stage, output_dir=str(self.path(f"stage{stage}")), data=data)
-        path = self.path("configs", f"stage{stage}.json")
-        path.parent.mkdir(exist_ok=True)
+        cfg.update(common, stage=stage, output_dir=str(self.home(family, f"stage{stage}")), data=data)
+        path = self.home(family, "configs", f"stage{stage}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cfg, indent=2))
         return path
 
-    def _train(self, stage: int, results: dict) -> dict:
+    def _eve2_stage(self, stage: int) -> dict:
+        """EVEv2's recipe in the demo's three stages, at v1's learning rates: the patch embedding
+        alone (PAL is not part of EVEv2); the patch embedding and the vision experts, language
+        weights frozen; then SFT of everything. Its area rule gets the same target side."""
+        return {
+            1: dict(init_from=str(self.path("stand_ins", "decoder")), init_is_decoder=True, flavor="eve2-demo",
+                    flavor_overrides={"image_size": self.plan.model_image_size}, template="plain", pal=False,
+                    lr_vision=4e-4, lr_decoder=0.0, lr_experts=0.0),
+            2: dict(init_from=str(self.home("eve2", "stage1", "final")), template="plain", pal=False, lr_vision=1e-3,
+                    lr_decoder=0.0, lr_experts=5e-4),
+            3: dict(init_from=str(self.home("eve2", "stage2", "final")), template="vicuna_v1", pal=False, lr_vision=5e-4,
+                    lr_decoder=5e-4, lr_experts=5e-4),
+        }[stage]
+
+    def _train(self, stage: int, results: dict, family: str) -> dict:
         from train.config import TrainConfig
         from train.trainer import train
 
-        config = self._stage_config(stage, results)
-        with self.quiet(f"stage{stage}"):
+        config = self._stage_config(stage, results, family)
+        with self.quiet(self.step_name(family, f"stage{stage}")):
             final = train(TrainConfig.load(config))
-        metrics = [json.loads(line) for line in self.path(f"stage{stage}", "metrics.jsonl").read_text().splitlines() if line]
+        metrics = [json.loads(line) for line in self.home(family, f"stage{stage}", "metrics.jsonl").read_text().splitlines() if line]
         return {"config": str(config), "final": str(final), "metrics": metrics}
 
-    def step_stage1(self, results):
-        return self._train(1, results)
+    def step_stage1(self, results, family):
+        return self._train(1, results, family)
 
-    def step_stage2(self, results):
-        return self._train(2, results)
+    def step_stage2(self, results, family):
+        return self._train(2, results, family)
 
-    def step_stage3(self, results):
-        result = self._train(3, results)
-        final = self.path("final")
+    def step_stage3(self, results, family):
+        result = self._train(3, results, family)
+        final = self.home(family, "final")
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(result["final"], final)
         result["final"] = str(final)
         return result
 
-    def step_eval(self, _) -> dict:
+    def step_eval(self, _, family) -> dict:
         """eve-eval run on both splits (VQAv2 format, official VQA accuracy); the sweep on held-out."""
         from eval.cli import main as evaluate
 
         out = {}
         for split in ("heldout", "unseen"):
             files = self.path("world", "eval", split)
-            argv = ["run", "--model", str(self.path("final")), "--task", "vqav2", "--questions", str(files / "questions.json"),
+            argv = ["run", "--model", str(self.home(family, "final")), "--task", "vqav2", "--questions", str(files / "questions.json"),
                     "--annotations", str(files / "annotations.json"), "--images", str(files / "images"),
-                    "--out", str(self.path("eval", split)), "--batch-size", "32", "--max-new-tokens", "5", "--device", "cpu"]
+                    "--out", str(self.home(family, "eval", split)), "--batch-size", "32", "--max-new-tokens", "5", "--device", "cpu"]
             if split == "heldout":
                 size = self.plan.model_image_size
                 # the world's backgrounds are near-white: a grey border would test the border, not the layout
                 argv += ["--sweep", "--sweep-resolutions", f"{size // 2},{size}", "--sweep-fill", "edge"]
-            with self.quiet(f"eval-{split}"):
+            with self.quiet(self.step_name(family, f"eval-{split}")):
                 evaluate(argv)
-            (run_dir,) = self.path("eval", split).glob("vqav2-*")
+            (run_dir,) = self.home(family, "eval", split).glob("vqav2-*")
             out[split] = {"run_dir": str(run_dir), "summary": json.loads((run_dir / "summary.json").read_text())}
+        return out
+
+    def step_language(self, _) -> dict:
+        """Text next-token accuracy of the stand-in decoder, and of each family after stages 2 and 3."""
+        from demo.language import held_out_texts, text_accuracy
+
+        texts = held_out_texts(self.seed)
+        out = {"decoder": text_accuracy(self.path("stand_ins", "decoder"), texts), "texts": len(texts)}
+        for family in self.families:
+            out[family] = {f"stage{n}": text_accuracy(self.home(family, f"stage{n}", "final"), texts) for n in (2, 3)}
         return out
 
     def step_report(self, results) -> dict:

@@ -42,7 +42,7 @@ def world_mosaic(seed: int, long_side: int, path: Path) -> None:
     canvas.save(path)
 
 
-def _loss_plot(results: dict, path: Path) -> None:
+def _loss_plot(results: dict, path: Path, step_name, label: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     for ax, step, title in ((axes[0], "decoder", "decoder: text pre-training"), (axes[1], "teacher", "teacher: contrastive")):
@@ -50,12 +50,12 @@ def _loss_plot(results: dict, path: Path) -> None:
         ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
         ax.set_title(title)
     for ax, stage in zip(axes[2:], (1, 2, 3)):
-        rows = results[f"stage{stage}"]["metrics"]
+        rows = results[step_name(f"stage{stage}")]["metrics"]
         for key in ("lm_loss", "pal_loss"):
             points = [(r["step"], r[key]) for r in rows if r.get(key)]
             if points:
                 ax.plot(*zip(*points), marker=".", label=key)
-        ax.set_title(f"EVE stage {stage}")
+        ax.set_title(f"{label} stage {stage}")
         ax.legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
@@ -116,28 +116,38 @@ def _accuracy_plot(heldout: dict, unseen: dict, chance: float, path: Path) -> No
     plt.close(fig)
 
 
+FAMILY_LABELS = {"eve": "EVE", "eve2": "EVEv2"}
+
+
 def write_report(demo, results: dict) -> dict:
-    out = demo.out
+    """The report of the run's first family, plus the comparison of families when there are several."""
+    out, family = demo.out, demo.families[0]
+    label = FAMILY_LABELS[family]
+
+    def step_name(step: str) -> str:
+        return demo.step_name(family, step)
+
     chance = chance_level()
-    ev = results["eval"]
+    ev = results[step_name("eval")]
     held, unseen = ev["heldout"]["summary"], ev["unseen"]["summary"]
     held_b, unseen_b = breakdown(ev["heldout"]["run_dir"]), breakdown(ev["unseen"]["run_dir"])
-    _loss_plot(results, out / "loss_curves.png")
+    _loss_plot(results, out / "loss_curves.png", step_name, label)
     _accuracy_plot(held_b, unseen_b, chance, out / "accuracy.png")
     sweep_png = Path(ev["heldout"]["run_dir"]) / "sweep.png"
     cur = results["curate"]["summary"]
     stage_rows = []
     for stage in (1, 2, 3):
-        m = results[f"stage{stage}"]["metrics"]
+        m = results[step_name(f"stage{stage}")]["metrics"]
         first, last = m[0], m[-1]
         stage_rows.append(f"| {stage} | {last['step']} | {first['lm_loss']:.3f} -> {last['lm_loss']:.3f} | "
                           f"{first['pal_loss']:.3f} -> {last['pal_loss']:.3f} | {np.mean([r['tokens_per_s'] for r in m]):.0f} | "
-                          f"{results[f'stage{stage}']['seconds']:.0f} |")
+                          f"{results[step_name(f'stage{stage}')]['seconds']:.0f} |")
     lines = [
         "# eve-demo report",
         "",
-        f"seed {demo.seed}, {'--quick' if demo.quick else 'full run'}; every number below was measured by the project's own tools.",
+        f"{label}; seed {demo.seed}, {'--quick' if demo.quick else 'full run'}; every number below was measured by the project's own tools.",
         "",
+        *_families_section(demo, results, chance),
         "## Result",
         "",
         "| split | items | VQA accuracy | 95% CI | chance |",
@@ -173,8 +183,11 @@ def write_report(demo, results: dict) -> dict:
         "| --- | --- | --- | --- | --- | --- |",
         *stage_rows,
         "",
-        "Stage 1 trains the patch embedding and PAL with the decoder frozen; stage 2 trains everything (ZeRO-3); "
-        "stage 3 is SFT on conversations (PAL off). Configs: `configs/stage*.json`.",
+        ("Stage 1 trains the patch embedding and PAL with the decoder frozen; stage 2 trains everything (ZeRO-3); "
+         "stage 3 is SFT on conversations (PAL off). Configs: `configs/stage*.json`." if family == "eve" else
+         "Stage 1 trains the patch embedding with the decoder and its vision experts frozen (no PAL); stage 2 the patch "
+         "embedding and the vision experts, the language weights frozen; stage 3 is SFT of everything. "
+         f"Configs: `{family}/configs/stage*.json`."),
         "",
         "![losses](loss_curves.png)",
         "",
@@ -193,8 +206,38 @@ def write_report(demo, results: dict) -> dict:
         "| --- | --- |",
         *[f"| {k} | {v['seconds']:.0f} |" for k, v in results.items() if k != "report"],
         "",
-        f"The final model is in `final/` (`AutoModelForCausalLM.from_pretrained` after `import eve`).",
+        f"The final model is in `{'final' if family == 'eve' else family + '/final'}/` "
+        "(`AutoModelForCausalLM.from_pretrained` after `import eve`).",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    families = {f: {"heldout_accuracy": results[demo.step_name(f, "eval")]["heldout"]["summary"]["mean_score"],
+                    "unseen_ar_accuracy": results[demo.step_name(f, "eval")]["unseen"]["summary"]["mean_score"],
+                    **({"text_accuracy": results["language"][f]} if "language" in results else {})} for f in demo.families}
     return {"heldout_accuracy": held["mean_score"], "unseen_ar_accuracy": unseen["mean_score"], "chance": chance,
-            "by_type": {"heldout": held_b["by_type"], "unseen": unseen_b["by_type"]}}
+            "by_type": {"heldout": held_b["by_type"], "unseen": unseen_b["by_type"]}, "families": families,
+            **({"text_accuracy_decoder": results["language"]["decoder"]} if "language" in results else {})}
+
+
+def _families_section(demo, results: dict, chance: float) -> list[str]:
+    """Both families on the same world, and the text each decoder kept (the paper's forgetting)."""
+    if "language" not in results:
+        return []
+    lang = results["language"]
+    rows = []
+    for f in demo.families:
+        ev = results[demo.step_name(f, "eval")]
+        rows.append(f"| {FAMILY_LABELS[f]} | {ev['heldout']['summary']['mean_score']:.3f} | "
+                    f"{ev['unseen']['summary']['mean_score']:.3f} | {lang[f]['stage2']:.3f} | {lang[f]['stage3']:.3f} |")
+    return [
+        "## Families on the same world",
+        "",
+        f"Same world, stand-ins, curated data and step counts; chance {chance:.2f}. Text accuracy: next-token accuracy "
+        f"on {lang['texts']} held-out texts of the world (captions and chats), teacher-forced; the stand-in decoder "
+        f"scores {lang['decoder']:.3f} before any image. EVE trains its decoder in stage 2 (no experts); EVEv2 trains "
+        "vision experts there and keeps the language weights frozen until SFT.",
+        "",
+        "| family | held-out VQA | unseen aspect ratios | text accuracy after stage 2 | after stage 3 |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]

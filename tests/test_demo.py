@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from demo_run import FINAL_LINE, finish as _finish, start_demo as _demo
 
 
@@ -109,3 +110,32 @@ def test_kill_9_then_rerun_resumes_and_gives_the_same_numbers(quick_run, tmp_pat
     resumed = _finish(_demo(out))
     assert "stage1: done earlier" in resumed and "curate: done earlier" in resumed
     assert FINAL_LINE.search(resumed).group(0) == FINAL_LINE.search(reference).group(0)
+
+
+def test_family_steps_and_eve2_stage_configs(tmp_path):
+    """`--family both`: shared steps once, each family's stages, the language check, one report;
+    EVEv2's stage configs are valid eve-train configs with its freezing."""
+    from demo.pipeline import Demo
+    from demo.plan import QUICK
+    from train.config import TrainConfig
+
+    demo = Demo(out=tmp_path, plan=QUICK, seed=0, quick=True, families=("eve", "eve2"))
+    assert demo.steps() == ["world", "decoder", "teacher", "curate", "stage1", "stage2", "stage3", "eval",
+                            "eve2-stage1", "eve2-stage2", "eve2-stage3", "eve2-eval", "language", "report"]
+    assert Demo(out=tmp_path, plan=QUICK, seed=0, quick=True).steps()[-2:] == ["eval", "report"]  # EVE alone: as before
+    results = {"curate": {"manifest": str(tmp_path / "train.jsonl")}}
+    configs = [TrainConfig.load(demo._stage_config(n, results, "eve2")) for n in (1, 2, 3)]
+    assert [c.flavor for c in configs][0] == "eve2-demo" and not any(c.pal for c in configs)
+    assert [(c.lr_decoder > 0, c.lr_experts > 0) for c in configs] == [(False, False), (False, True), (True, True)]
+    assert all(c.zero_stage == 2 and Path(c.output_dir).parent == tmp_path / "eve2" for c in configs)
+
+
+@pytest.mark.slow
+def test_quick_demo_of_both_families(tmp_path):
+    """The whole `--quick --family both` run (about ten minutes): both families learn, and EVEv2's
+    decoder keeps its language through stage 2 exactly (its language weights are frozen)."""
+    output = _finish(_demo(tmp_path / "run", "--family", "both"))
+    lines = dict(line.split(": ", 1) for line in output.splitlines() if line.startswith(("eve: ", "eve2: ")))
+    assert set(lines) == {"eve", "eve2"}
+    report = json.loads((tmp_path / "run" / "done" / "language.json").read_text())
+    assert report["eve2"]["stage2"] == report["decoder"]
