@@ -13,4 +13,4 @@ if ! .venv-floor/bin/python -c "import sys, transformers; sys.exit(transformers.
 fi
 .venv-floor/bin/python -m pytest -q tests/test_transformers_integration.py tests/test_model_conventions.py \
   tests/test_processor_conventions.py tests/test_modeling.py tests/test_processing.py tests/test_serve.py \
-  tests/test_chat.py "$@"
+  tests/test_chat.py tests/test_modality_experts.py tests/test_eve2.py "$@"
