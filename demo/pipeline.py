@@ -179,7 +179,7 @@ class Demo:
         # max_length 384 cuts nothing: a square 96-px image is 157 tokens and the SFT chat around it
         # ~140. At 256, 18% of the conversations lost their last answer.
         common = dict(global_batch_size=p.batch_size, micro_batch_size=p.batch_size // 2, max_length=384, seed=self.seed,
-                      zero_stage=3 if stage == 2 and family == "eve" else 2,  # (EVEv2 is not built under ZeRO-3 yet) gradient_checkpointing=False, num_workers=1,
+                      zero_stage=3 if stage == 2 else 2, gradient_checkpointing=False, num_workers=1,
                       save_every=max(10, steps // 4), keep_last=2, log_every=5, total_steps=steps, warmup_ratio=0.05)
         if stage in (1, 2):
             data = [{"path": results["curate"]["manifest"]}]

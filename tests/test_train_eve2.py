@@ -1,5 +1,6 @@
 """EVEv2's stages through eve-train on a tiny Qwen2: the patch embedding alone, then the vision
-experts with the language weights frozen, then SFT of everything; the export loads as EVEv2."""
+experts with the language weights frozen (both under ZeRO-3, built partitioned), then SFT of
+everything (ZeRO-2); the export loads as EVEv2."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from train.trainer import train
 pytest_plugins = ["tests.test_train"]  # its `data` fixture: captions and conversations over coloured images
 
 
-def _config(tmp_path: Path, name: str, data: Path, init: str) -> TrainConfig:
+def _config(tmp_path: Path, name: str, data: Path, init: str, zero_stage: int = 2) -> TrainConfig:
     cfg = TrainConfig.load(name, [f"output_dir={tmp_path / name}", f"init_from={init}", "total_steps=2", "num_workers=0",
-                                  "micro_batch_size=4", "global_batch_size=8", "save_every=2", "max_length=256"])
+                                  "micro_batch_size=4", "global_batch_size=8", "save_every=2", "max_length=256",
+                                  f"zero_stage={zero_stage}"])
     cfg.data[0].path = str(data / ("sft.json" if cfg.stage == 3 else "captions.jsonl"))
     return cfg
 
@@ -42,13 +44,13 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_eve2_stages_freeze_what_they_should_and_export(tmp_path, data, tmp_path_factory):
     qwen = make_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
-    final1 = train(_config(tmp_path, "stage1_eve2_debug", data, str(qwen)))
+    final1 = train(_config(tmp_path, "stage1_eve2_debug", data, str(qwen), zero_stage=3))  # experts copied per partition
     vision1, experts1, language1 = _split(_weights(final1))
     start = {f"language_model.{k}": v for k, v in load_file(qwen / "model.safetensors").items()}
     assert _same(language1, start), "stage 1 must leave the language weights as loaded"
     assert all(torch.equal(v, language1[k.replace(".vision.", ".")]) for k, v in experts1.items()), "experts start as copies"
 
-    final2 = train(_config(tmp_path, "stage2a_eve2_debug", data, str(final1)))
+    final2 = train(_config(tmp_path, "stage2a_eve2_debug", data, str(final1), zero_stage=3))
     vision2, experts2, language2 = _split(_weights(final2))
     assert _same(language2, language1), "stage 2a must leave the language weights frozen"
     assert not _same(experts2, experts1) and not _same(vision2, vision1)

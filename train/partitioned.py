@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from eve.build import eve_config_for_decoder
-from eve.configuration_eve import EveConfig
+from eve.configuration_eve2 import Eve2Config
 from eve.modeling_eve import EveForCausalLM, default_attn_implementation
+from eve.modeling_eve2 import Eve2ForCausalLM
 from train.export import checkpoint_entries, tensor_groups
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,25 @@ def build_partitioned(init_from: str, init_is_decoder: bool, flavor: str, overri
         config = AutoConfig.from_pretrained(init_from, attn_implementation=attn)
         processor = AutoProcessor.from_pretrained(init_from)
         prefix, fresh = "", None
-    if type(config) is not EveConfig:  # EVEv2's experts are copied from the loaded layers, not yet done per partition
-        raise ValueError(f"zero_stage 3 builds EVE v1 models; {init_from} ({flavor if init_is_decoder else config.model_type}) "
-                         "is another family: use zero_stage 2")
+    model_class = Eve2ForCausalLM if isinstance(config, Eve2Config) else EveForCausalLM
     # Not transformers' own ZeRO-3 construction (HfDeepSpeedConfig + _from_config): it then
     # initialises every weight, gathering each module whole (the embedding: twice its size on
     # gloo), only for the checkpoint to overwrite them all. Here nothing is initialised but what
     # the checkpoint lacks.
     arange_kept = getattr(hf_deepspeed, "prevent_arange_dtype_change", nullcontext)  # RoPE buffers stay fp32
     with no_init_weights(), arange_kept(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-        model = EveForCausalLM(config)
+        model = model_class(config)
     if fresh:
         torch.manual_seed(seed)
         fresh_module = model.get_submodule(fresh.rstrip("."))
         with deepspeed.zero.GatheredParameters(list(fresh_module.parameters()), modifier_rank=0):
             if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
                 fresh_module.apply(model._init_weights)
-    load_partitioned(model, checkpoint_files(init_from), prefix, fresh)
+    # A bare decoder has no vision experts: each starts as its layer's language weights (EVEv2's
+    # initialisation), read from the same checkpoint keys straight into its own partition.
+    copies = {name: name.replace(".vision.", ".").removeprefix(prefix) for name, _ in model.named_parameters()
+              if ".vision." in name} if init_is_decoder else {}
+    load_partitioned(model, checkpoint_files(init_from), prefix, fresh, copies)
     try:
         model.generation_config = GenerationConfig.from_pretrained(init_from)
     except OSError:  # a checkpoint without generation_config.json: the model config's defaults
@@ -91,16 +94,19 @@ def checkpoint_files(path_or_id: str) -> dict[str, Path]:
     )
 
 
-def load_partitioned(model: nn.Module, files: dict[str, Path], prefix: str = "", fresh: str | None = None) -> None:
+def load_partitioned(model: nn.Module, files: dict[str, Path], prefix: str = "", fresh: str | None = None,
+                     copies: dict[str, str] | None = None) -> None:
     """Copy the checkpoint `files` ({key: file}) into `model`, whose parameters are ZeRO-3
-    partitions: each rank reads its own share. Checkpoint key `k` is
-    model key `prefix + k`. Every model tensor must be in the checkpoint except those under
-    `fresh` (newly initialised) and a tied output embedding; every checkpoint key must be used."""
+    partitions: each rank reads its own share. Checkpoint key `k` is model key `prefix + k`;
+    `copies` ({model key: checkpoint key}) fills more model tensors from keys already read.
+    Every model tensor must be in the checkpoint except those under `fresh` (newly initialised)
+    and a tied output embedding; every checkpoint key must be used."""
     from safetensors import safe_open
 
     entries = {e.name: e for e in checkpoint_entries(model)}
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(entries)
     wanted = {prefix + key: key for key in files if prefix + key not in tied}  # a tied copy: the same weight
+    wanted |= {name: key for name, key in (copies or {}).items() if key in files}
     unexpected = sorted(k for k in wanted if k not in entries)
     missing = sorted(k for k in entries if k not in wanted and not (fresh and k.startswith(fresh)))
     if unexpected or missing:
