@@ -357,6 +357,9 @@ class EveForCausalLM(EvePreTrainedModel, GenerationMixin):
         2x forward (4N). The PEL and PAL are small next to the decoder and left out.
         """
         tc = self.config.text_config
-        n = sum(p.numel() for name, p in self.language_model.named_parameters() if "embed_tokens" not in name)
+        # EVEv2's vision experts (`.vision.` inside the decoder) are left out: each token goes
+        # through one copy of each layer, so they add parameters, not FLOPs.
+        n = sum(p.numel() for name, p in self.language_model.named_parameters()
+                if "embed_tokens" not in name and ".vision." not in name)
         forward = 2 * n + 4 * tc.num_hidden_layers * seq_len * tc.hidden_size
         return forward * ((3 if train_decoder else 2) if backward else 1)

@@ -8,7 +8,6 @@ values from the vision copies and everything after from the text ones, as in the
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from eve.configuration_eve2 import Eve2Config
@@ -69,11 +68,3 @@ class Eve2ForCausalLM(Eve2Family, EveForCausalLM):
         experts = sum(p.numel() for layer in self.expert_layers() for p in layer.vision.parameters())
         parts = super().num_parameters_by_part()
         return {"vision": parts["vision"], "decoder": parts["decoder"] - experts, "vision_experts": experts}
-
-    def flops_per_token(self, seq_len: int, train_decoder: bool = True, backward: bool = True) -> float:
-        """As EVE's: each token goes through one copy of each layer, so the experts add nothing."""
-        tc = self.config.text_config
-        n = sum(p.numel() for name, p in self.language_model.named_parameters()
-                if "embed_tokens" not in name and ".vision." not in name)
-        forward = 2 * n + 4 * tc.num_hidden_layers * seq_len * tc.hidden_size
-        return forward * ((3 if train_decoder else 2) if backward else 1)
