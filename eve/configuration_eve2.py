@@ -7,7 +7,8 @@ What differs from v1 (EveConfig, whose decoder handling, image token and flavors
   r = sqrt(W * H) / image_size, each side W / r rounded up to a multiple of 2p (32 px);
 - with `modality_experts`, every decoder layer holds vision copies of its norms, q/k/v/o and
   MLP, and image tokens go through them (eve/modality_experts.py).
-The PAL (v1's teacher alignment) is not part of EVEv2's recipe and is off for this family.
+The PAL (v1's teacher alignment) is not part of EVEv2's recipe, so EVEv2's shipped stages leave
+it off; it is an option (`pal=true` in a stage), with the teacher fields of EveConfig.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Eve2Config(EveConfig):
         modality_experts: vision copies of every decoder layer's norms, attention projections
             and MLP (True in EVEv2).
         image_token_id, image_mean, image_std: as in EveConfig.
+        pal_layers, pal_tap_every, cross_attention_heads, teacher_*: the optional PAL's, as in
+            EveConfig; the teacher sees the model's image at teacher scale.
     """
 
     model_type = "eve2"
@@ -44,6 +47,11 @@ class Eve2Config(EveConfig):
             raise ValueError(f"EVEv2 resizes by area (resize_rule='area'), not {self.resize_rule!r}")
         if self.image_size < 2 * self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must hold at least one visual token ({2 * self.patch_size} px)")
+        if self.teacher_image_size % self.teacher_patch_size:
+            raise ValueError(f"teacher_image_size ({self.teacher_image_size}) must be a multiple of "
+                             f"teacher_patch_size ({self.teacher_patch_size})")
+        if self.teacher_hidden_size % self.cross_attention_heads:
+            raise ValueError("teacher_hidden_size must be divisible by cross_attention_heads (the PAL's heads)")
 
     @classmethod
     def from_flavor(cls, name: str, **overrides) -> "Eve2Config":
@@ -61,13 +69,19 @@ def _qwen25_7b() -> dict:
                 rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
 
 
+def _pal_settings(flavor: dict) -> dict:
+    """The optional PAL's settings of a v1 flavor (its teacher, heads and taps)."""
+    keys = ("teacher_image_size", "teacher_patch_size", "teacher_hidden_size", "cross_attention_heads", "pal_tap_every")
+    return {k: flavor[k] for k in keys}
+
+
 def _eve2_debug() -> dict:
-    return dict(text_config=_debug()["text_config"], vision_hidden_size=32, patch_size=8, image_size=32)
+    return dict(text_config=_debug()["text_config"], vision_hidden_size=32, patch_size=8, image_size=32, **_pal_settings(_debug()))
 
 
 def _eve2_demo() -> dict:
     """eve-demo's EVEv2: the v1 demo's decoder, 4-px patches, images of about 64 x 64 pixels."""
-    return dict(text_config=_demo()["text_config"], vision_hidden_size=64, patch_size=4, image_size=64)
+    return dict(text_config=_demo()["text_config"], vision_hidden_size=64, patch_size=4, image_size=64, **_pal_settings(_demo()))
 
 
 def _eve2_7b() -> dict:

@@ -5,10 +5,16 @@ For every image: take the image span of each tapped hidden state, drop <CLS>, re
 h x (w+1), drop the <SPL> column, average-pool to the teacher grid. Per patch, CA3 attends from
 the deepest tap (query) to the other taps; the result is compared to the teacher's
 penultimate-layer patch token by 1 - cosine similarity, averaged per image, then over images.
+
+The teacher sees the model's image at teacher scale (`teacher_grid`). Under EVE's resize rule the
+model grid is a whole multiple (`pal_pool`) of the teacher's, and the pooling is the reference's
+exact window mean; under EVEv2's area rule it need not be, and the pooling is adaptive (windows
+of PyTorch's `adaptive_avg_pool2d`), which is how the PAL is an option for EVEv2 too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +26,7 @@ from eve.configuration_eve import EveConfig
 from eve.cross_attention import multihead_attend
 from eve.modeling_eve import EveForCausalLM
 from eve.patch_embedding import ImageFeatures
-from eve.processing_eve import centred_offset
+from eve.processing_eve import centred_offset, teacher_geometry
 
 
 # The PAL's weights beside an inference checkpoint: training-only, so never in the model's own files.
@@ -68,12 +74,32 @@ def load_pal(pal: PatchAligningLayer, directory: str | Path) -> Path | None:
     return path
 
 
+def teacher_grid(config: EveConfig, h: int, w: int) -> tuple[int, int]:
+    """The teacher's valid patch grid for an image whose model grid is h x w visual tokens: the
+    teacher's copy is the model's image (2p*h x 2p*w px) at teacher scale, as the processor makes
+    it. Under EVE's rule this is (h, w) / pal_pool."""
+    side = 2 * config.patch_size
+    th, tw = teacher_geometry(side * h, side * w, config.teacher_image_size, config.teacher_patch_size)
+    return th // config.teacher_patch_size, tw // config.teacher_patch_size
+
+
+def pool_to(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[h, w, ...] -> [ht, wt, ...], the mean over each teacher patch's window of model tokens."""
+    (h, w), (ht, wt) = x.shape[:2], grid
+    if (h, w) == (ht, wt):
+        return x
+    if h % ht == 0 and w % wt == 0:  # EVE's geometry: the reference's exact window mean
+        return x.view(ht, h // ht, wt, w // wt, *x.shape[2:]).mean(dim=(1, 3))
+    flat = x.flatten(2).permute(2, 0, 1)  # [T*d, h, w]
+    return F.adaptive_avg_pool2d(flat, grid).permute(1, 2, 0).reshape(ht, wt, *x.shape[2:])
+
+
 def image_patch_states(
     hidden_states: tuple[torch.Tensor, ...],
     taps: list[int],
     image_mask: torch.Tensor,
     features: ImageFeatures,
-    pool: int,
+    config: EveConfig,
 ) -> torch.Tensor:
     """Gather the image tokens of the tapped layers, on the teacher grid: [P, T, d]."""
     positions = image_mask.flatten().nonzero().squeeze(1)  # visual tokens in image order
@@ -81,9 +107,7 @@ def image_patch_states(
     patches = []
     for seq, (h, w) in zip(stacked.split(features.lengths), features.grids):
         x = seq[1:].view(h, w + 1, *seq.shape[1:])[:, :w]  # drop <CLS> and the <SPL> column: [h, w, T, d]
-        if pool > 1:
-            x = x.view(h // pool, pool, w // pool, pool, *x.shape[2:]).mean(dim=(1, 3))
-        patches.append(x.flatten(0, 1))
+        patches.append(pool_to(x, teacher_grid(config, h, w)).flatten(0, 1))
     return torch.cat(patches)
 
 
@@ -92,7 +116,7 @@ def teacher_patch_targets(teacher_tokens: torch.Tensor, features: ImageFeatures,
     p, side = config.teacher_patch_size, config.teacher_image_size
     out = []
     for i, (h, w) in enumerate(features.grids):
-        ht, wt = h // config.pal_pool, w // config.pal_pool
+        ht, wt = teacher_grid(config, h, w)
         top, left = centred_offset(side, ht * p, p) // p, centred_offset(side, wt * p, p) // p
         out.append(teacher_tokens[i, top : top + ht, left : left + wt].reshape(ht * wt, -1))
     return torch.cat(out)
@@ -156,9 +180,9 @@ class EveForAlignedTraining(nn.Module):
             if teacher_tokens is None:
                 raise ValueError("EveForAlignedTraining needs teacher_tokens for a batch with images")
             image_mask = input_ids == config.image_token_id
-            states = image_patch_states(out.hidden_states, self.pal.taps, image_mask, features, config.pal_pool)
+            states = image_patch_states(out.hidden_states, self.pal.taps, image_mask, features, config)
             target = teacher_patch_targets(teacher_tokens, features, config)
-            counts = [(h // config.pal_pool) * (w // config.pal_pool) for h, w in features.grids]
+            counts = [math.prod(teacher_grid(config, h, w)) for h, w in features.grids]
             pal_loss = cosine_alignment_loss(self.pal(states), target, counts)
         lm_loss = out.loss if out.loss is not None else pal_loss.new_zeros(())
         return AlignedOutput(lm_loss + self.pal_weight * pal_loss, lm_loss, pal_loss, out.logits)

@@ -321,12 +321,13 @@ class EveImageProcessor(BaseImageProcessor):
         return batch
 
     def teacher_pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """The teacher's copies: geometry at teacher scale, centred on a T x T canvas."""
+        """The teacher's copies: the model's image at teacher scale (`teacher_geometry` of its
+        resized size, which for EVE's rule is the native size's), centred on a T x T canvas."""
         side, p = self.teacher_image_size, self.teacher_patch_size
         batch = np.zeros((len(images), 3, side, side), dtype=np.float32)
         batch[:] = self._fill(self.teacher_image_mean, self.teacher_image_std)
         for b, img in enumerate(images):
-            h, w = teacher_geometry(img.height, img.width, side, p)
+            h, w = teacher_geometry(*self.resized_size(img.height, img.width), side, p)
             top, left = centred_offset(side, h, p), centred_offset(side, w, p)
             batch[b, :, top : top + h, left : left + w] = self._to_array(
                 img, (h, w), self.teacher_image_mean, self.teacher_image_std

@@ -37,7 +37,7 @@ def test_pal_loss_is_zero_when_the_output_equals_the_teacher(model, processor, i
         feats = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
         hidden = model(**inputs, output_hidden_states=True).hidden_states
         mask = inputs["input_ids"] == model.config.image_token_id
-        states = image_patch_states(hidden, aligned.pal.taps, mask, feats, model.config.pal_pool)
+        states = image_patch_states(hidden, aligned.pal.taps, mask, feats, model.config)
         pred = aligned.pal(states)
     # Replace the teacher by a copy of the PAL's own prediction, placed on the teacher canvas.
     fake = torch.zeros_like(tokens)

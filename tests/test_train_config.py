@@ -87,3 +87,22 @@ def test_resume_refuses_a_changed_config(tmp_path):
     assert len(checkpoint.check_resume_config(out, changed.to_dict(), allow_change=True)) == 2
     fresh = dataclasses.replace(changed, output_dir=str(tmp_path / "new"))  # nothing to resume: anything goes
     assert checkpoint.check_resume_config(Path(fresh.output_dir), fresh.to_dict(), allow_change=False) == []
+
+
+def test_shipped_stage_configs_load_and_chain():
+    """Every shipped stage config parses, and each continuing stage starts from another shipped
+    stage's export, at an image size that is the same or larger."""
+    from train.config import CONFIG_DIR
+
+    configs = {path.stem: TrainConfig.load(path) for path in sorted(CONFIG_DIR.glob("stage*.json"))}
+    exports = {f"{cfg.output_dir}/final": cfg for cfg in configs.values()}
+    for name, cfg in configs.items():
+        if cfg.init_is_decoder:
+            continue
+        assert cfg.init_from in exports, f"{name} starts from {cfg.init_from}, which no shipped stage exports"
+        parent = exports[cfg.init_from]
+        assert parent.stage <= cfg.stage, name
+        if parent.image_size and cfg.image_size:
+            assert cfg.image_size >= parent.image_size, name
+    assert [configs[n].image_size for n in ("stage1_eve2_7b", "stage2a_eve2_7b", "stage2a_hd_eve2_7b", "stage2b_eve2_7b",
+                                             "stage3_eve2_7b")] == [800, 800, 1600, 1600, 1600]

@@ -1,6 +1,6 @@
 """EVEv2's stages through eve-train on a tiny Qwen2: the patch embedding alone, then the vision
 experts with the language weights frozen (both under ZeRO-3, built partitioned), then SFT of
-everything (ZeRO-2); the export loads as EVEv2."""
+everything (ZeRO-2) at a larger image size; the export loads as EVEv2."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def test_eve2_stages_freeze_what_they_should_and_export(tmp_path, data, tmp_path
     model = AutoModelForCausalLM.from_pretrained(final3).eval()
     processor = AutoProcessor.from_pretrained(final3)
     assert isinstance(model, Eve2ForCausalLM)
+    # stage 3's image_size (64, as EVEv2-7B's later stages go to 1600) over stage 2a's 32, kept in the export
+    assert AutoProcessor.from_pretrained(final2).image_processor.image_size == 32
+    assert model.config.image_size == processor.image_processor.image_size == 64
     inputs = processor(text=["<image>\nWhat colour is it?"], images=[Image.new("RGB", (40, 120), (220, 30, 30))])
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3

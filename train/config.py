@@ -80,6 +80,9 @@ class TrainConfig:
         init_is_decoder: init_from is a bare decoder (stage 1 from Vicuna).
         flavor: EVE flavor of a fresh model (debug, demo, eve-7b, eve-7b-hd).
         flavor_overrides: EveConfig fields over the flavor's, e.g. image_size=1344.
+        image_size: the resolution of this stage's images, set on the starting model's config and
+            processor and kept in the export (EVEv2: 800 in stages 1-2a, 1600 after; EVE-7B-HD:
+            1344 in SFT); null keeps the starting model's.
         template: chat template of the data: plain (stages 1-2), vicuna_v1 (stage 3), eve_v1.
         pal: Patch Aligning Layer against the frozen teacher; null: on in stages 1-2, off in 3.
         pal_weight: weight of the PAL loss beside the LM loss.
@@ -121,6 +124,7 @@ class TrainConfig:
     init_is_decoder: bool = False
     flavor: str = "eve-7b"
     flavor_overrides: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None
     template: str = "plain"
     pal: bool | None = None
     pal_weight: float = 1.0

@@ -5,7 +5,8 @@ train everything. The vision side (PEL + projector + PAL) and the decoder get th
 learning rates; a learning rate of 0 freezes that part (requires_grad False, no optimizer
 state), so stage 1 leaves every decoder weight bit-identical. EVEv2's vision experts (the
 decoder layers' `vision.*` copies) are a third group, so that its stage 2 can train them with
-the language weights frozen.
+the language weights frozen. A stage may also change the resolution images are fed at
+(`set_image_size`): EVEv2 trains at 800 px before 1600, EVE-7B-HD at 1344 in SFT.
 """
 
 from __future__ import annotations
@@ -42,3 +43,19 @@ def parameter_groups(model: EveForCausalLM, pal: nn.Module | None, lr_vision: fl
     if not groups:
         raise ValueError("nothing to train: lr_vision, lr_decoder (and lr_experts) are all 0")
     return groups
+
+
+def set_image_size(model: EveForCausalLM, processor, image_size: int) -> None:
+    """Feed this stage's images at `image_size` (the model config's and its processor's): the
+    weights do not depend on it (the patch embedding is convolutional and nothing is
+    positional), and the export keeps the new size. An invalid size for the family's geometry
+    is an error naming the rule, and leaves the model as it was."""
+    config = model.config
+    before = config.image_size
+    config.image_size = image_size
+    try:
+        config._validate_geometry()
+    except ValueError as e:
+        config.image_size = before
+        raise ValueError(f"image_size={image_size}: {e}") from None
+    processor.image_processor.image_size = image_size

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 import eve  # noqa: F401  (Auto classes)
 from eve.build import build_eve
-from eve.configuration_eve2 import Eve2Config
 from eve.image_io import InvalidImageError
 from eve.modeling_eve import EveForCausalLM
 from eve.patch_aligning import EveForAlignedTraining, load_pal
@@ -34,7 +33,7 @@ from train.lora import apply_lora, export_adapter, export_merged, merge_adapter,
 from train.metrics import MetricsLog, PhaseMemory, memory_gb, peak_flops, plot_losses
 from train.packing import collate_packed, wants_flat_batch
 from train.partitioned import build_partitioned
-from train.stages import parameter_groups
+from train.stages import parameter_groups, set_image_size
 
 log = logging.getLogger("eve.train")
 
@@ -119,8 +118,8 @@ def train(cfg: TrainConfig, allow_config_change: bool = False) -> Path:
     ds_config = deepspeed_config(cfg, dist.world_size, bf16)
     model, processor = load_start(cfg, dist, ds_config, dtype)
     peft_model = apply_lora(model, cfg.lora, lora_base(cfg.init_from)) if cfg.lora is not None else None
-    if cfg.pal and isinstance(model.config, Eve2Config):
-        raise ValueError("EVEv2 trains without the Patch Aligning Layer: set pal=false (the shipped eve2 configs do)")
+    if cfg.image_size is not None:
+        set_image_size(model, processor, cfg.image_size)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     module = EveForAlignedTraining(model, cfg.pal_weight, use_pal=cfg.pal)
