@@ -23,6 +23,9 @@ from pathlib import Path
 
 from demo.plan import FULL, QUICK
 
+FAMILY_CHOICES = {"eve": ("eve",), "eve2": ("eve2",), "eve2dense": ("eve2dense",), "both": ("eve", "eve2"),
+                  "all": ("eve", "eve2", "eve2dense")}
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eve-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,9 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~3-minute version: less data, fewer steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for the world, the stand-ins and training")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps for each of EVE's three stages")
-    parser.add_argument("--family", choices=["eve", "eve2", "both"], default="eve",
-                        help="model family: EVE (v1), EVEv2 (modality experts, conv-only patch embedding), or both on the "
-                             "same world, compared in the report with the text each decoder kept")
+    parser.add_argument("--family", choices=list(FAMILY_CHOICES), default="eve",
+                        help="model family: EVE (v1), EVEv2 (modality experts, conv-only patch embedding), EVEv2 without "
+                             "its experts (eve2dense, the ablation), both (EVE and EVEv2) or all three on the same world, "
+                             "compared in the report with the text each decoder kept")
     args = parser.parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls torch.distributed APIs that torch marks deprecated, once per step
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = (QUICK if args.quick else FULL).with_steps(args.steps)
     out = args.out or Path("runs/demo-quick" if args.quick else "runs/demo")
-    families = ("eve", "eve2") if args.family == "both" else (args.family,)
+    families = FAMILY_CHOICES[args.family]
     demo = Demo(out=out, plan=plan, seed=args.seed, quick=args.quick, families=families)
     try:
         results = demo.run()

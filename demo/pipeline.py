@@ -4,8 +4,10 @@ resumed by the tool itself (eve-curate's shards, eve-train's checkpoints, eve-ev
 for the short ones that write a folder, redone from a clean folder.
 
 Families: EVE (v1) trains in DIR itself; EVEv2 (`--family eve2` or `both`) trains on the same
-world, stand-ins and curated data in DIR/eve2 (steps `eve2-stage1` ...). With EVEv2 in the run,
-a `language` step measures how much text each decoder kept (demo/language.py).
+world, stand-ins and curated data in DIR/eve2 (steps `eve2-stage1` ...), and `eve2dense` (in
+`--family all`) is EVEv2 without its modality experts, the ablation that isolates them: the same
+patch embedding and stages, its decoder trained where EVEv2 trains the experts. With more than
+EVE in the run, a `language` step measures how much text each decoder kept (demo/language.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from demo.plan import DemoPlan
 log = logging.getLogger("eve-demo")
 SHARED_STEPS = ("world", "decoder", "teacher", "curate")
 FAMILY_STEPS = ("stage1", "stage2", "stage3", "eval")
-FAMILIES = ("eve", "eve2")
+FAMILIES = ("eve", "eve2", "eve2dense")  # no "-" in a name: step names are family-step
 
 
 @dataclasses.dataclass
@@ -39,7 +41,7 @@ class Demo:
         return self.out.joinpath(*parts)
 
     def home(self, family: str, *parts: str) -> Path:
-        """Where a family's stages, eval and final model live: DIR for EVE, DIR/eve2 for EVEv2."""
+        """Where a family's stages, eval and final model live: DIR for EVE, DIR/<family> for the others."""
         return self.path(*parts) if family == "eve" else self.path(family, *parts)
 
     @staticmethod
@@ -48,7 +50,7 @@ class Demo:
 
     def steps(self) -> list[str]:
         family_steps = [self.step_name(f, s) for f in self.families for s in FAMILY_STEPS]
-        return [*SHARED_STEPS, *family_steps, *(["language"] if "eve2" in self.families else []), "report"]
+        return [*SHARED_STEPS, *family_steps, *(["language"] if set(self.families) - {"eve"} else []), "report"]
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def check_settings(self) -> None:
@@ -185,7 +187,7 @@ class Demo:
             data = [{"path": results["curate"]["manifest"]}]
         else:
             data = [{"path": str(self.path("world", "sft", "conversations.json"))}]
-        cfg = self._eve2_stage(stage) if family == "eve2" else {
+        cfg = self._eve2_stage(stage, family) if family != "eve" else {
             1: dict(init_from=str(self.path("stand_ins", "decoder")), init_is_decoder=True, flavor="demo",
                     flavor_overrides={**p.flavor_overrides, "teacher_model": str(self.path("stand_ins", "teacher"))},
                     # The paper's 4e-4. At 2e-3 the image tokens grow to >10x the norm of the word
@@ -200,18 +202,20 @@ class Demo:
         path.write_text(json.dumps(cfg, indent=2))
         return path
 
-    def _eve2_stage(self, stage: int) -> dict:
+    def _eve2_stage(self, stage: int, family: str) -> dict:
         """EVEv2's recipe in the demo's three stages, at v1's learning rates: the patch embedding
         alone (PAL is not part of EVEv2); the patch embedding and the vision experts, language
-        weights frozen; then SFT of everything. Its area rule gets the same target side."""
+        weights frozen; then SFT of everything. Its area rule gets the same target side. Without
+        experts (`eve2dense`), stage 2 trains the decoder itself at the experts' rate."""
+        experts = family == "eve2"
         return {
             1: dict(init_from=str(self.path("stand_ins", "decoder")), init_is_decoder=True, flavor="eve2-demo",
-                    flavor_overrides={"image_size": self.plan.model_image_size}, template="plain", pal=False,
-                    lr_vision=4e-4, lr_decoder=0.0, lr_experts=0.0),
-            2: dict(init_from=str(self.home("eve2", "stage1", "final")), template="plain", pal=False, lr_vision=1e-3,
-                    lr_decoder=0.0, lr_experts=5e-4),
-            3: dict(init_from=str(self.home("eve2", "stage2", "final")), template="vicuna_v1", pal=False, lr_vision=5e-4,
-                    lr_decoder=5e-4, lr_experts=5e-4),
+                    flavor_overrides={"image_size": self.plan.model_image_size, "modality_experts": experts},
+                    template="plain", pal=False, lr_vision=4e-4, lr_decoder=0.0, lr_experts=0.0),
+            2: dict(init_from=str(self.home(family, "stage1", "final")), template="plain", pal=False, lr_vision=1e-3,
+                    lr_decoder=0.0 if experts else 5e-4, lr_experts=5e-4 if experts else None),
+            3: dict(init_from=str(self.home(family, "stage2", "final")), template="vicuna_v1", pal=False, lr_vision=5e-4,
+                    lr_decoder=5e-4, lr_experts=5e-4 if experts else None),
         }[stage]
 
     def _train(self, stage: int, results: dict, family: str) -> dict:

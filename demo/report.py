@@ -116,7 +116,7 @@ def _accuracy_plot(heldout: dict, unseen: dict, chance: float, path: Path) -> No
     plt.close(fig)
 
 
-FAMILY_LABELS = {"eve": "EVE", "eve2": "EVEv2"}
+FAMILY_LABELS = {"eve": "EVE", "eve2": "EVEv2", "eve2dense": "EVEv2 without experts"}
 
 
 def write_report(demo, results: dict) -> dict:
@@ -183,11 +183,7 @@ def write_report(demo, results: dict) -> dict:
         "| --- | --- | --- | --- | --- | --- |",
         *stage_rows,
         "",
-        ("Stage 1 trains the patch embedding and PAL with the decoder frozen; stage 2 trains everything (ZeRO-3); "
-         "stage 3 is SFT on conversations (PAL off). Configs: `configs/stage*.json`." if family == "eve" else
-         "Stage 1 trains the patch embedding with the decoder and its vision experts frozen (no PAL); stage 2 the patch "
-         "embedding and the vision experts, the language weights frozen; stage 3 is SFT of everything. "
-         f"Configs: `{family}/configs/stage*.json`."),
+        _stages_text(family),
         "",
         "![losses](loss_curves.png)",
         "",
@@ -218,6 +214,16 @@ def write_report(demo, results: dict) -> dict:
             **({"text_accuracy_decoder": results["language"]["decoder"]} if "language" in results else {})}
 
 
+def _stages_text(family: str) -> str:
+    if family == "eve":
+        return ("Stage 1 trains the patch embedding and PAL with the decoder frozen; stage 2 trains everything (ZeRO-3); "
+                "stage 3 is SFT on conversations (PAL off). Configs: `configs/stage*.json`.")
+    stage2 = ("the patch embedding and the vision experts, the language weights frozen" if family == "eve2" else
+              "the patch embedding and the decoder (no experts: the ablation of EVEv2's)")
+    return (f"Stage 1 trains the patch embedding with the decoder frozen (no PAL); stage 2 {stage2}; stage 3 is SFT of "
+            f"everything. Configs: `{family}/configs/stage*.json`.")
+
+
 def _families_section(demo, results: dict, chance: float) -> list[str]:
     """Both families on the same world, and the text each decoder kept (the paper's forgetting)."""
     if "language" not in results:
@@ -234,7 +240,8 @@ def _families_section(demo, results: dict, chance: float) -> list[str]:
         f"Same world, stand-ins, curated data and step counts; chance {chance:.2f}. Text accuracy: next-token accuracy "
         f"on {lang['texts']} held-out texts of the world (captions and chats), teacher-forced; the stand-in decoder "
         f"scores {lang['decoder']:.3f} before any image. EVE trains its decoder in stage 2 (no experts); EVEv2 trains "
-        "vision experts there and keeps the language weights frozen until SFT.",
+        "vision experts there and keeps the language weights frozen until SFT; EVEv2 without experts is the same model "
+        "and recipe with its decoder trained where EVEv2 trains the experts.",
         "",
         "| family | held-out VQA | unseen aspect ratios | text accuracy after stage 2 | after stage 3 |",
         "| --- | --- | --- | --- | --- |",

@@ -129,6 +129,13 @@ def test_family_steps_and_eve2_stage_configs(tmp_path):
     assert [(c.lr_decoder > 0, c.lr_experts > 0) for c in configs] == [(False, False), (False, True), (True, True)]
     assert [c.zero_stage for c in configs] == [2, 3, 2] and not any(c.gradient_checkpointing for c in configs)
     assert all(Path(c.output_dir).parent == tmp_path / "eve2" for c in configs)
+    # the ablation: the same model and stages without experts, its decoder trained where EVEv2 trains them
+    dense = Demo(out=tmp_path, plan=QUICK, seed=0, quick=True, families=("eve", "eve2", "eve2dense"))
+    assert dense.steps()[-6:] == ["eve2dense-stage1", "eve2dense-stage2", "eve2dense-stage3", "eve2dense-eval", "language", "report"]
+    configs = [TrainConfig.load(dense._stage_config(n, results, "eve2dense")) for n in (1, 2, 3)]
+    assert configs[0].flavor_overrides["modality_experts"] is False and not any(c.pal for c in configs)
+    assert [c.lr_decoder > 0 for c in configs] == [False, True, True]
+    assert configs[1].init_from == str(tmp_path / "eve2dense" / "stage1" / "final")
 
 
 @pytest.mark.slow
