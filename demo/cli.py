@@ -1,7 +1,7 @@
 """eve-demo: the whole product on built-in synthetic data, on this machine, with nothing downloaded.
 
     eve-demo                      # ~15 min on 2 CPU cores -> runs/demo
-    eve-demo --quick --out DIR    # ~3 min, the version the tests run
+    eve-demo --quick --out DIR    # ~6 min, the version the tests run
 
 Builds a world of coloured shapes on canvases of many aspect ratios; trains the stand-ins for
 Vicuna (a tokenizer and a small Llama, on text only) and EVA-CLIP (a small open_clip, briefly,
@@ -30,13 +30,16 @@ FAMILY_CHOICES = {"eve": ("eve",), "eve2": ("eve2",), "eve2dense": ("eve2dense",
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="eve-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/demo, or runs/demo-quick with --quick)")
-    parser.add_argument("--quick", action="store_true", help="a ~3-minute version: less data, fewer steps")
+    parser.add_argument("--quick", action="store_true", help="a ~6-minute version: less data, fewer steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for the world, the stand-ins and training")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps for each of EVE's three stages")
     parser.add_argument("--family", choices=list(FAMILY_CHOICES), default="eve",
                         help="model family: EVE (v1), EVEv2 (modality experts, conv-only patch embedding), EVEv2 without "
                              "its experts (eve2dense, the ablation), both (EVE and EVEv2) or all three on the same world, "
                              "compared in the report with the text each decoder kept")
+    parser.add_argument("--until", default=None, metavar="STEP",
+                        help="stop after this step (e.g. curate, stage2, eve2-stage1); the same command without it "
+                             "continues from there")
     args = parser.parse_args(argv)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO calls torch.distributed APIs that torch marks deprecated, once per step
@@ -49,10 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     families = FAMILY_CHOICES[args.family]
     demo = Demo(out=out, plan=plan, seed=args.seed, quick=args.quick, families=families)
     try:
-        results = demo.run()
+        results = demo.run(until=args.until)
     except KeyboardInterrupt:
         print(f"\neve-demo: interrupted; run the same command again to resume ({out})", file=sys.stderr)
         raise SystemExit(130) from None
+    if "report" not in results:
+        print(f"eve-demo: stopped after {args.until} (--until); run the command without it to finish ({out})")
+        return
     r = results["report"]
     final = out / "final" if families[0] == "eve" else out / families[0] / "final"
     print(f"report: {out / 'report.md'}; model: {final}")

@@ -71,10 +71,16 @@ class Demo:
         marker = self.path("done", f"{step}.json")
         return json.loads(marker.read_text()) if marker.exists() else None
 
-    def run(self) -> dict:
+    def run(self, until: str | None = None) -> dict:
+        """Every step not done yet, in order; with `until`, stop after that step (a later run
+        without it goes on from there)."""
         self.check_settings()
         results = {}
         steps = self.steps()
+        if until is not None:
+            if until not in steps:
+                raise SystemExit(f"eve-demo: --until {until!r} is not a step of this run; steps: {', '.join(steps)}")
+            steps = steps[: steps.index(until) + 1]
         for i, step in enumerate(steps, 1):
             finished = self.done(step)
             if finished is not None:

@@ -1,4 +1,4 @@
-"""How big each step of the demo is: the full run (~15 min on 2 CPU cores) and `--quick` (~3 min)."""
+"""How big each step of the demo is: the full run (~15 min on 2 CPU cores) and `--quick` (~6 min)."""
 
 from __future__ import annotations
 

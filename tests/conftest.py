@@ -56,7 +56,7 @@ def lively(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
-    """`eve-demo --quick` once per session (about four minutes): (run folder, its output)."""
+    """`eve-demo --quick` once per session (about six minutes on 2 cores): (run folder, its output)."""
     from demo_run import finish, start_demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
