@@ -139,17 +139,12 @@ def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), templa
         image = await run_in_threadpool(decode_data_url, url, limits, "image")
         return await run_in_threadpool(describe, engine.processor, image)
 
+    def prepare(body) -> tuple[ChatRequest, Prepared]:
+        req = ChatRequest.parse(body, limits)
+        return req, engine.prepare(render(engine.processor, req.messages, template), req.images)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _json(request)
-        if isinstance(body, dict) and body.get("model") not in (None, model_name):
-            raise RequestError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
-                               param="model", status=404, code="model_not_found")
-        req = await run_in_threadpool(ChatRequest.parse, body, limits)
-        prompt = render(engine.processor, req.messages, template)
-        prepared: Prepared = await run_in_threadpool(engine.prepare, prompt, req.images)
-        room = engine.room(prepared)
-        max_new = min(req.max_tokens or default_max_tokens, room)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -159,11 +154,18 @@ def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), templa
             except RuntimeError:  # the event loop is gone (server stopping)
                 pass
 
-        # A non-streaming request hears only its end: waking the event loop for every token of
-        # every row takes the GIL from the generating thread (measured: bench/serve.py).
-        job = Job(prepared, max_new, req.sampling, req.stop, on_text=(lambda text: put("text", text)) if req.stream else None,
-                  on_done=lambda row, err: put("done", row, err))
-        engine.submit(job)
+        with engine.arriving():
+            body = await _json(request)
+            if isinstance(body, dict) and body.get("model") not in (None, model_name):
+                raise RequestError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+                                   param="model", status=404, code="model_not_found")
+            req, prepared = await run_in_threadpool(prepare, body)  # one hop: parse, render, tokenize, resize
+            max_new = min(req.max_tokens or default_max_tokens, engine.room(prepared))
+            # A non-streaming request hears only its end: waking the event loop for every token of
+            # every row takes the GIL from the generating thread (measured: bench/serve.py).
+            job = Job(prepared, max_new, req.sampling, req.stop, on_text=(lambda text: put("text", text)) if req.stream else None,
+                      on_done=lambda row, err: put("done", row, err))
+            engine.submit(job)
         ident, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": stamp, "model": model_name}
         if req.stream:

@@ -2,7 +2,10 @@
 batched `generate` call.
 
 Requests are prepared (images decoded, resized, tokenized) by the caller's thread, so the
-generation thread only collates and generates. A batch takes the oldest waiting request and up
+generation thread only collates and generates. A batch that is not full waits a moment
+(`max_delay_s`) for requests already being read and prepared (`arriving`), and never otherwise:
+a lone request starts at once, and a burst of clients fills whole batches instead of starting
+with the first request alone. A batch takes the oldest waiting request and up
 to `max_batch_size - 1` more with the same sampling settings (`generate` takes one setting per
 call); each row stops on its own EOS, max_tokens or stop string (`serve.decoding.Row`). The batch
 is built exactly as `EveProcessor` builds one from the same prompts and images (left padding,
@@ -11,6 +14,7 @@ images padded to the largest), so a request's answer is what `generate` gives on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -72,13 +76,14 @@ class QueueFull(RequestError):
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int = 256):
+    def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int = 256, max_delay_s: float = 0.05):
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer  # the generating thread's (padding, decoding)
         # Requests are prepared in the server's worker threads with a copy of their own, one at a
         # time: a Rust tokenizer must not be used from two threads while one changes its settings.
         self._prep, self._prep_lock = copy.deepcopy(processor), threading.Lock()
-        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.max_batch_size, self.max_waiting, self.max_delay_s = max_batch_size, max_waiting, max_delay_s
+        self._arriving = 0  # requests being read and prepared, not yet submitted
         self.context_length = model.config.text_config.max_position_embeddings
         eos = model.generation_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
@@ -104,6 +109,19 @@ class Engine:
                 f"at most {self.context_length}, answer included: shorten the conversation or send fewer or smaller images",
                 param="messages", code="context_length_exceeded")
         return Prepared(ids, arrays)
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around reading and preparing a request up to its `submit` (or its refusal): a batch
+        that is not full waits for it, at most `max_delay_s`."""
+        with self._cv:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._arriving -= 1
+                self._cv.notify()
 
     @property
     def waiting(self) -> int:
@@ -138,6 +156,11 @@ class Engine:
                     job.on_done and job.on_done(None, RequestError("the server is shutting down", status=503))
                 self._waiting.clear()
                 return None
+            deadline = time.monotonic() + self.max_delay_s
+            while len(self._waiting) < self.max_batch_size and self._arriving and not self._closed:
+                if (left := deadline - time.monotonic()) <= 0:
+                    break
+                self._cv.wait(left)
             key = self._waiting[0].sampling
             batch = [j for j in self._waiting if j.sampling == key and not j.cancelled][: self.max_batch_size]
             self._waiting = [j for j in self._waiting if j not in batch and not j.cancelled]

@@ -193,3 +193,36 @@ def test_a_taken_port_is_an_error_not_a_silent_server(server, lively):
     proc = subprocess.run([sys.executable, "-m", "serve.cli", str(lively), "--port", str(server.port)], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and f"could not serve on 127.0.0.1:{server.port}" in proc.stderr
+
+
+def test_a_batch_waits_for_requests_being_prepared_and_only_for_them(direct):
+    """A burst fills one batch instead of starting with its first request alone; a lone request
+    (nothing arriving) starts at once; a refused one releases the wait."""
+    import threading
+    import time
+
+    from serve.engine import Engine, Job
+
+    engine = Engine(*direct, max_batch_size=4, max_delay_s=30.0)
+    prepared = engine.prepare("hello", [])
+    engine.submit(Job(prepared, 2))
+    start = time.monotonic()
+    assert len(engine._take()) == 1 and time.monotonic() - start < 5
+
+    def arrive(entered: threading.Event, refuse: bool):
+        with engine.arriving():
+            entered.set()
+            time.sleep(0.3)
+            if not refuse:
+                engine.submit(Job(prepared, 2))
+
+    for refuse, want in ((False, 2), (True, 1)):
+        entered = threading.Event()
+        thread = threading.Thread(target=arrive, args=(entered, refuse))
+        thread.start()
+        entered.wait()
+        engine.submit(Job(prepared, 2))
+        start = time.monotonic()
+        assert len(engine._take()) == want
+        assert 0.2 < time.monotonic() - start < 5  # waited for the arriving one, not for max_delay_s
+        thread.join()
