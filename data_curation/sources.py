@@ -63,7 +63,6 @@ from data_curation import parquets
 from data_curation.parquets import ParquetError, ParquetLayout
 from data_curation.progress import bar, stage_log
 from data_curation.reading import PARQUET_ROW_MARK, ItemReader, header_size, image_size
-from data_curation.reading import read_item_bytes  # noqa: F401 - callers read items through this module too
 from data_curation.shards import CurationError, StageDir, pause_for_tests, read_jsonl, write_jsonl_atomic
 from data_curation.tars import TarListing, Unusable, list_tar
 from eve.image_ref import NotRegularFileError, TAR_MARK, file_kind, join_ref, open_regular_file, split_ref

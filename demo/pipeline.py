@@ -37,6 +37,11 @@ class Demo:
     quick: bool
     families: tuple[str, ...] = ("eve",)
 
+    def __post_init__(self):
+        unknown = [f for f in self.families if f not in FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"families must be some of {FAMILIES}, got {self.families}")
+
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 from typing import BinaryIO
 
 TAR_MARK = ".tar#"
@@ -59,14 +58,6 @@ def read_regular_file(path: str | os.PathLike) -> bytes:
     """The bytes of a regular file (see open_regular_file)."""
     with open_regular_file(path) as f:
         return f.read()
-
-
-def is_regular_file(path: Path) -> bool:
-    """True for a regular file (symlinks followed), without opening it."""
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError:
-        return False
 
 
 def file_kind(mode: int) -> str:

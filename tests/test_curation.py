@@ -18,8 +18,9 @@ from curation_data import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, make_sources, make_t
 from data_curation.captioning import caption_stage
 from data_curation.cli import main as curate
 from data_curation.decisions import iter_items
+from data_curation.reading import header_size, read_item_bytes
 from data_curation.shards import CurationError, Part, StageDir, read_jsonl, run_lock
-from data_curation.sources import Input, header_size, list_items, read_item_bytes
+from data_curation.sources import Input, list_items
 from eve.testing import make_tiny_open_clip
 from train.config import DataSource
 from train.data import ImageStore, Manifest

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from eve.image_io import InvalidImageError, load_image
-from eve.image_ref import is_regular_file, split_ref
+from eve.image_ref import NotRegularFileError, open_regular_file, split_ref
 from eve.processing_eve import EveProcessor, image_sizes_of, pad_images
 from eve.templates import IGNORE_INDEX, LabelMaskingError, encode_example
 from train.config import DataSource
@@ -140,12 +140,15 @@ class ImageStore:
 
 def _index_tar(path: Path) -> tuple[tarfile.TarFile | None, dict]:
     """(open tar, {name: regular-file member}); (None, {}) for a tar that cannot be opened."""
-    if not is_regular_file(path):
-        log.warning("%s: no such tar (or not a regular file); its samples are skipped", path)
+    try:  # opened once, without blocking: a FIFO named like a tar, even one swapped in late, is refused
+        f = open_regular_file(path)
+    except (OSError, NotRegularFileError) as e:
+        log.warning("%s: no such tar, or not a regular file (%s); its samples are skipped", path, e)
         return None, {}
     try:
-        tar = tarfile.open(path, "r:")
+        tar = tarfile.open(fileobj=f, mode="r:")
     except (tarfile.TarError, OSError) as e:
+        f.close()
         log.warning("%s: not a readable uncompressed tar (%s); its samples are skipped", path, e)
         return None, {}
     members = {}
