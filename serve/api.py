@@ -21,9 +21,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from serve.engine import Engine, Job, Prepared, Sampling
-from serve.messages import Limits, RequestError, decode_data_url, from_openai, render
+from serve.engine import Job, Prepared, Sampling
+from serve.errors import RequestError, as_request_error
+from serve.messages import Limits, decode_data_url, from_openai, render
 from serve.preview import describe
+from serve.process import EngineProcess
 
 # Fields whose OpenAI meaning EVE-kit cannot honour: refused rather than silently ignored.
 UNSUPPORTED = {
@@ -90,13 +92,6 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float
     return float(value)
 
 
-def _as_request_error(err: BaseException) -> RequestError:
-    """What the client is told of a failure: a RequestError as it is, anything else as a 500."""
-    if isinstance(err, RequestError):
-        return err
-    return RequestError(f"generation failed: {type(err).__name__}: {err}", status=500, code="generation_failed")
-
-
 def _error_body(e: RequestError) -> dict:
     kind = "invalid_request_error" if e.status < 500 else "server_error"
     return {"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}}
@@ -106,7 +101,7 @@ def _error(e: RequestError) -> JSONResponse:
     return JSONResponse(_error_body(e), status_code=e.status)
 
 
-def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), template: str | None = None,
+def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(), template: str | None = None,
               default_max_tokens: int = 512) -> FastAPI:
     """The app around a running engine. `template` names the processor's chat template to use
     (None: its default)."""
@@ -124,8 +119,9 @@ def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), templa
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "batches": engine.batches, "requests": engine.rows, "busy_s": round(engine.busy_s, 3),
-                "waiting": engine.waiting}
+        stats = engine.stats
+        return {"status": "ok", "batches": stats["batches"], "requests": stats["requests"],
+                "busy_s": round(stats["busy_s"], 3), "waiting": stats["waiting"]}
 
     @app.get("/v1/models")
     async def models():
@@ -169,15 +165,15 @@ def build_app(engine: Engine, model_name: str, limits: Limits = Limits(), templa
         ident, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": stamp, "model": model_name}
         if req.stream:
-            return StreamingResponse(_sse(job, events, head, len(prepared.input_ids), req.include_usage),
+            return StreamingResponse(_sse(engine, job, events, head, len(prepared.input_ids), req.include_usage),
                                      media_type="text/event-stream")
         try:
             _, row, err = await events.get()  # its only event: the job hears no text
         except asyncio.CancelledError:
-            job.cancel()
+            engine.cancel(job)
             raise
         if err is not None:
-            raise _as_request_error(err)
+            raise as_request_error(err)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text}, "finish_reason": row.finish_reason}],
                 "usage": _usage(len(prepared.input_ids), row.tokens)}
@@ -201,7 +197,7 @@ def _chunk(head: dict, delta: dict, finish_reason: str | None = None) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-async def _sse(job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(engine: EngineProcess, job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: the role, content deltas, the finish reason,
     optionally the usage, then [DONE]. A client that goes away cancels its row."""
     try:
@@ -210,7 +206,7 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int, 
             yield _chunk(head, {"content": event[1]})
         _, row, err = event
         if err is not None:
-            yield f"data: {json.dumps(_error_body(_as_request_error(err)))}\n\n"
+            yield f"data: {json.dumps(_error_body(as_request_error(err)))}\n\n"
             return
         yield _chunk(head, {}, row.finish_reason)
         if include_usage:
@@ -218,4 +214,4 @@ async def _sse(job: Job, events: asyncio.Queue, head: dict, prompt_tokens: int, 
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        job.cancel()  # no-op once the row ended
+        engine.cancel(job)  # no-op once the row ended

@@ -12,14 +12,16 @@ From Python, with the `openai` package:
 
 Images travel as base64 data URLs; the server fetches nothing. Requests wait in one queue and
 run in batches of up to --max-batch-size; answers are greedy unless a request sets temperature.
+The model runs in a second process (the engine), so that reading and preparing requests here
+never slows generation down.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
-import threading
 from pathlib import Path
 
 
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which the server answers 503")
     parser.add_argument("--max-tokens", type=int, default=512, help="answer length when a request does not set max_tokens")
     parser.add_argument("--max-images", type=int, default=8, help="images one request may hold")
+    parser.add_argument("--max-delay-s", type=float, default=0.05,
+                        help="how long a batch that is not full waits for requests already arriving (never otherwise)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's CPU threads for generation (default: torch's, one per core)")
@@ -41,41 +45,54 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
 
-    import uvicorn
+    from serve.process import EngineProcess, EngineSpec
 
-    from serve.api import build_app
-    from serve.engine import Engine
-    from eve.pretrained import load_pretrained
-    from serve.messages import Limits
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model, processor = load_pretrained(args.model, args.device, args.dtype)
+    # SIGTERM ends the server as Ctrl-C does: uvicorn finishes open requests, then the engine stops.
+    signal.signal(signal.SIGTERM, _exit)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
-    engine = Engine(model, processor, args.max_batch_size, args.max_waiting)
-    app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens)
-    # HTTP in a thread, generation in the main thread (see Engine.serve_forever for why)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    spec = EngineSpec(args.model, args.device, args.dtype, args.threads, args.max_batch_size, args.max_delay_s)
+    # Started before torch and transformers are imported here: both processes import them at once.
+    engine = EngineProcess(spec, args.max_waiting)
+    server = None
+    try:
+        import uvicorn
+        from transformers import AutoProcessor
 
-    def run_http() -> None:
-        try:
-            server.run()
-        finally:  # stopped, or never started (the port taken): generation stops too
-            engine.close()
+        import eve  # noqa: F401  (Auto registration)
+        from serve.api import build_app
+        from serve.messages import Limits
 
-    http = threading.Thread(target=run_http, name="eve-serve-http", daemon=True)
-    http.start()
-    stop = lambda *_: engine.close()  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"eve-serve: {name} on http://{args.host}:{args.port} (page at /, API at /v1)", flush=True)
-    engine.serve_forever()
-    server.should_exit = True
-    http.join(timeout=10)
-    if not server.started:
-        sys.exit(f"eve-serve: could not serve on {args.host}:{args.port} (see above)")
+        app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+        sock = _bind(args.host, args.port)  # before the model loads: a taken port is told in seconds, not minutes
+        engine.wait_ready(AutoProcessor.from_pretrained(args.model))
+        engine.on_exit = lambda: setattr(server, "should_exit", True)
+        print(f"eve-serve: {name} on http://{args.host}:{args.port} (page at /, API at /v1)", flush=True)
+        server.run(sockets=[sock])
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    except (OSError, RuntimeError) as e:  # the port, the model or its processor
+        sys.exit(f"eve-serve: {e}")
+    finally:
+        engine.close()
+    if engine.died:
+        sys.exit(f"eve-serve: the engine process stopped (exit code {engine.exitcode}); see above")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"could not serve on {host}:{port}: {e.strerror}") from e
+    return sock
+
+
+def _exit(*_) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

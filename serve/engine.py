@@ -1,21 +1,21 @@
 """Many concurrent requests, one model: a queue and one thread that runs what is waiting as one
 batched `generate` call.
 
-Requests are prepared (images decoded, resized, tokenized) by the caller's thread, so the
-generation thread only collates and generates. A batch that is not full waits a moment
-(`max_delay_s`) for requests already being read and prepared (`arriving`), and never otherwise:
-a lone request starts at once, and a burst of clients fills whole batches instead of starting
-with the first request alone. A batch takes the oldest waiting request and up
-to `max_batch_size - 1` more with the same sampling settings (`generate` takes one setting per
-call); each row stops on its own EOS, max_tokens or stop string (`serve.decoding.Row`). The batch
-is built exactly as `EveProcessor` builds one from the same prompts and images (left padding,
-images padded to the largest), so a request's answer is what `generate` gives on it.
+Requests are prepared (images decoded, resized, tokenized) before they reach the engine
+(`Preparer`, in the HTTP front's threads), so the generating thread only collates and generates.
+A batch that is not full waits a moment (`max_delay_s`) for requests already being read and
+prepared (`arrive`), and never otherwise: a lone request starts at once, and a burst of clients
+fills whole batches instead of starting with the first request alone. A batch takes the oldest
+waiting request and up to `max_batch_size - 1` more with the same sampling settings (`generate`
+takes one setting per call); each row stops on its own EOS, max_tokens or stop string
+(`serve.decoding.Row`). The batch is built exactly as `EveProcessor` builds one from the same
+prompts and images (left padding, images padded to the largest), so a request's answer is what
+`generate` gives on it. `eve-serve` runs the engine in a process of its own (`serve.process`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from transformers import StoppingCriteriaList
 
 from eve.processing_eve import pad_images
 from serve.decoding import Row, RowFeed
-from serve.messages import RequestError
+from serve.errors import QueueFull, RequestError
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,37 @@ class Job:
             self.row.cancel()
 
 
-class QueueFull(RequestError):
-    def __init__(self, limit: int):
-        super().__init__(f"the server is busy ({limit} requests waiting); retry later", status=503, code="server_busy")
+class Preparer:
+    """Chat prompt and images -> `Prepared`, with this model's processor, refusing a prompt the
+    context cannot hold. Thread-safe: one request at a time, as a Rust tokenizer must not be used
+    from two threads while one changes its settings."""
+
+    def __init__(self, processor, context_length: int):
+        self.processor, self.context_length = processor, context_length
+        self._lock = threading.Lock()
+
+    def prepare(self, prompt: str, images: Sequence[Image.Image] = ()) -> Prepared:
+        with self._lock:
+            enc = self.processor(text=[prompt], images=list(images) or None, return_tensors=None)
+        ids = list(enc["input_ids"][0])
+        arrays = [px[:, :h, :w] for px, (h, w) in zip(enc["pixel_values"], enc["image_sizes"])] if images else []
+        visual = sum(int(t == self.processor.image_token_id) for t in ids)
+        if len(ids) >= self.context_length:
+            raise RequestError(
+                f"the prompt is {len(ids)} tokens ({visual} of them visual, from {len(arrays)} image(s)); this model reads "
+                f"at most {self.context_length}, answer included: shorten the conversation or send fewer or smaller images",
+                param="messages", code="context_length_exceeded")
+        return Prepared(ids, arrays)
+
+    def room(self, prepared: Prepared) -> int:
+        """Tokens the answer may still have."""
+        return self.context_length - len(prepared.input_ids)
 
 
 class Engine:
     def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int = 256, max_delay_s: float = 0.05):
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer  # the generating thread's (padding, decoding)
-        # Requests are prepared in the server's worker threads with a copy of their own, one at a
-        # time: a Rust tokenizer must not be used from two threads while one changes its settings.
-        self._prep, self._prep_lock = copy.deepcopy(processor), threading.Lock()
         self.max_batch_size, self.max_waiting, self.max_delay_s = max_batch_size, max_waiting, max_delay_s
         self._arriving = 0  # requests being read and prepared, not yet submitted
         self.context_length = model.config.text_config.max_position_embeddings
@@ -96,40 +115,26 @@ class Engine:
         self.rows = 0
         self.busy_s = 0.0  # time spent in generate
 
-    # ------------------------------------------------------------------ caller's thread
-    def prepare(self, prompt: str, images: Sequence[Image.Image] = ()) -> Prepared:
-        with self._prep_lock:
-            enc = self._prep(text=[prompt], images=list(images) or None, return_tensors=None)
-        ids = list(enc["input_ids"][0])
-        arrays = [px[:, :h, :w] for px, (h, w) in zip(enc["pixel_values"], enc["image_sizes"])] if images else []
-        visual = sum(int(t == self._prep.image_token_id) for t in ids)
-        if len(ids) >= self.context_length:
-            raise RequestError(
-                f"the prompt is {len(ids)} tokens ({visual} of them visual, from {len(arrays)} image(s)); this model reads "
-                f"at most {self.context_length}, answer included: shorten the conversation or send fewer or smaller images",
-                param="messages", code="context_length_exceeded")
-        return Prepared(ids, arrays)
+    # ------------------------------------------------------------------ callers' threads
+    def arrive(self, delta: int) -> None:
+        """A request started (+1) or ended (-1) being read and prepared; a batch that is not full
+        waits for those under way, at most `max_delay_s`. End it after its `submit` or refusal."""
+        with self._cv:
+            self._arriving += delta
+            self._cv.notify()
 
     @contextlib.contextmanager
     def arriving(self):
-        """Around reading and preparing a request up to its `submit` (or its refusal): a batch
-        that is not full waits for it, at most `max_delay_s`."""
-        with self._cv:
-            self._arriving += 1
+        """`arrive` around reading and preparing a request up to its `submit` (or its refusal)."""
+        self.arrive(1)
         try:
             yield
         finally:
-            with self._cv:
-                self._arriving -= 1
-                self._cv.notify()
+            self.arrive(-1)
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
-
-    def room(self, prepared: Prepared) -> int:
-        """Tokens the answer may still have."""
-        return self.context_length - len(prepared.input_ids)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -166,13 +171,14 @@ class Engine:
             self._waiting = [j for j in self._waiting if j not in batch and not j.cancelled]
             return batch
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, after_batch: Callable[[], None] | None = None) -> None:
         """Run batches in this thread until `close`. Call it from the main thread: on CPU, torch's
         OpenMP kernels ran this model less than half as fast from a second thread (the same 48
         requests: 4.1 s against 1.8 s from the main thread, on this project's 2-core machine)."""
         while (batch := self._take()) is not None:
             if batch:
                 self.run(batch)
+                after_batch and after_batch()
 
     def collate(self, prepared: Sequence[Prepared]) -> dict:
         """The batch `EveProcessor` would make of the same requests: left-padded ids, images

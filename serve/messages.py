@@ -17,17 +17,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from eve.image_io import InvalidImageError, load_image
+from serve.errors import RequestError
 
 ROLES = ("system", "user", "assistant")
 _DATA_URL = re.compile(r"^data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.I)
-
-
-class RequestError(ValueError):
-    """A request the model cannot answer, with the HTTP status and OpenAI error fields it maps to."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
 
 
 @dataclass(frozen=True)

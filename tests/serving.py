@@ -75,6 +75,13 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
 
+    def engine_pid(self) -> int:
+        """The engine process (eve-serve's child that generates)."""
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        engines = [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+        assert len(engines) == 1, kids
+        return engines[0]
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -201,10 +202,10 @@ def test_a_batch_waits_for_requests_being_prepared_and_only_for_them(direct):
     import threading
     import time
 
-    from serve.engine import Engine, Job
+    from serve.engine import Engine, Job, Preparer
 
     engine = Engine(*direct, max_batch_size=4, max_delay_s=30.0)
-    prepared = engine.prepare("hello", [])
+    prepared = Preparer(direct[1], engine.context_length).prepare("hello", [])
     engine.submit(Job(prepared, 2))
     start = time.monotonic()
     assert len(engine._take()) == 1 and time.monotonic() - start < 5
@@ -226,3 +227,62 @@ def test_a_batch_waits_for_requests_being_prepared_and_only_for_them(direct):
         assert len(engine._take()) == want
         assert 0.2 < time.monotonic() - start < 5  # waited for the arriving one, not for max_delay_s
         thread.join()
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped by its (dead) parent's init
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_dead_engine_fails_open_requests_and_ends_the_server(lively, tmp_path):
+    """The engine killed mid-answer: the open stream ends with an error instead of hanging, and
+    eve-serve exits saying why rather than serving nothing."""
+    import os
+    import signal
+    import threading
+
+    srv = Server(lively, tmp_path / "server.log", "--served-model-name", "lively")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        stream = client.chat.completions.create(model="lively", messages=[{"role": "user", "content": "Talk."}],
+                                                max_tokens=100_000, stream=True)
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        killer = threading.Timer(0.5, os.kill, (srv.engine_pid(), signal.SIGKILL))
+        killer.start()
+        with pytest.raises(openai.APIError, match="engine process stopped"):
+            for _ in stream:
+                pass
+        killer.join()
+        assert srv.proc.wait(timeout=60) != 0
+        assert "the engine process stopped (exit code -9)" in srv.log.read_text()
+    finally:
+        srv.stop()
+
+
+def test_the_engine_ends_with_a_killed_server(lively, tmp_path):
+    """kill -9 of eve-serve leaves no engine process behind holding the model."""
+    srv = Server(lively, tmp_path / "server.log")
+    engine = srv.engine_pid()
+    srv.proc.kill()
+    srv.proc.wait()
+    assert _gone(engine, 60), "the engine outlived eve-serve"
+
+
+def test_a_model_that_cannot_load_is_an_error_naming_it(tmp_path):
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "serve.cli", str(missing), "--port", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and str(missing) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
