@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
         sock = _bind(args.host, args.port)  # before the model loads: a taken port is told in seconds, not minutes
-        engine.wait_ready(AutoProcessor.from_pretrained(args.model))
+        info = engine.wait_ready(AutoProcessor.from_pretrained(args.model))
         engine.on_exit = lambda: setattr(server, "should_exit", True)
-        print(f"eve-serve: {name} on http://{args.host}:{args.port} (page at /, API at /v1)", flush=True)
+        print(f"eve-serve: {name} ({info['device']}) on http://{args.host}:{args.port} (page at /, API at /v1)", flush=True)
         server.run(sockets=[sock])
     except (KeyboardInterrupt, SystemExit):
         pass

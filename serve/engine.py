@@ -15,7 +15,6 @@ prompts and images (left padding, images padded to the largest), so a request's 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -98,7 +97,9 @@ class Preparer:
 
 
 class Engine:
-    def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int = 256, max_delay_s: float = 0.05):
+    def __init__(self, model, processor, max_batch_size: int = 8, max_waiting: int | None = None, max_delay_s: float = 0.05):
+        """`max_waiting`: queued requests beyond which `submit` refuses (None: no limit, as in
+        eve-serve's engine process, whose front enforces it)."""
         self.model, self.processor = model, processor
         self.tokenizer = processor.tokenizer  # the generating thread's (padding, decoding)
         self.max_batch_size, self.max_waiting, self.max_delay_s = max_batch_size, max_waiting, max_delay_s
@@ -123,15 +124,6 @@ class Engine:
             self._arriving += delta
             self._cv.notify()
 
-    @contextlib.contextmanager
-    def arriving(self):
-        """`arrive` around reading and preparing a request up to its `submit` (or its refusal)."""
-        self.arrive(1)
-        try:
-            yield
-        finally:
-            self.arrive(-1)
-
     @property
     def waiting(self) -> int:
         return len(self._waiting)
@@ -140,7 +132,7 @@ class Engine:
         with self._cv:
             if self._closed:
                 raise RequestError("the server is shutting down", status=503, code="shutting_down")
-            if len(self._waiting) >= self.max_waiting:
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
                 raise QueueFull(self.max_waiting)
             self._waiting.append(job)
             self._cv.notify()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -109,7 +108,7 @@ class EngineProcess:
 
     @contextlib.contextmanager
     def arriving(self):
-        """Around reading and preparing a request up to its `submit` (or refusal): see `Engine.arrive`."""
+        """`Engine.arrive` around reading and preparing a request up to its `submit` (or refusal)."""
         self._send(("arrive", 1))
         try:
             yield
@@ -201,8 +200,8 @@ def _engine_main(conn, spec: EngineSpec) -> None:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         model, processor = load_pretrained(spec.model, spec.device, spec.dtype)
-        # The front enforces the queue limit (it sees every request first); none here.
-        engine = Engine(model, processor, spec.max_batch_size, max_waiting=1 << 30, max_delay_s=spec.max_delay_s)
+        # No queue limit here: the front enforces it, seeing every request first.
+        engine = Engine(model, processor, spec.max_batch_size, max_waiting=None, max_delay_s=spec.max_delay_s)
     except Exception as e:  # noqa: BLE001  (told to the front, which exits with it)
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -212,7 +211,7 @@ def _engine_main(conn, spec: EngineSpec) -> None:
         with lock, contextlib.suppress(OSError):  # the front is gone: the reader closes the engine
             conn.send(message)
 
-    send(("ready", {"context_length": engine.context_length, "device": str(model.device), "pid": os.getpid()}))
+    send(("ready", {"context_length": engine.context_length, "device": str(model.device)}))
     threading.Thread(target=_read_requests, args=(conn, engine, send), name="eve-serve-requests", daemon=True).start()
     engine.serve_forever(after_batch=lambda: send(("stats", {
         "batches": engine.batches, "requests": engine.rows, "busy_s": engine.busy_s, "waiting": engine.waiting})))

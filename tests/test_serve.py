@@ -211,11 +211,14 @@ def test_a_batch_waits_for_requests_being_prepared_and_only_for_them(direct):
     assert len(engine._take()) == 1 and time.monotonic() - start < 5
 
     def arrive(entered: threading.Event, refuse: bool):
-        with engine.arriving():
+        engine.arrive(1)  # as the server's front does around reading and preparing a request
+        try:
             entered.set()
             time.sleep(0.3)
             if not refuse:
                 engine.submit(Job(prepared, 2))
+        finally:
+            engine.arrive(-1)
 
     for refuse, want in ((False, 2), (True, 1)):
         entered = threading.Event()
