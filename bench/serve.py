@@ -12,6 +12,9 @@ time) are printed side by side, with the server's mean batch, the share of the t
 generating and the clients' own CPU. --rounds alternate direct and served; this machine's speed
 drifts by +-15% within a minute, so a round is short and the summary is the median of the
 per-round served/direct ratios (each pair run back to back), not a ratio of medians.
+Both sides use the SDPA kernels the engine uses (`eve.attention_backends`: no cuDNN on CUDA),
+so the ratio measures serving, not a kernel choice; direct repeats its batches each round, and
+would otherwise reuse cuDNN plans that a server's ever-new shapes never can.
 Peak memory: the max RSS of this process (direct) and of the server (its front and engine
 processes together).
 
@@ -66,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's CPU threads for generation, direct and served alike (default: torch's, one per core)")
+    ap.add_argument("--device", default=None, help="cuda, cpu, ... for both sides (default: cuda when available)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="both sides (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--work", default=str(ROOT / "build" / "bench" / "serve"))
     ap.add_argument("--seed", type=int, default=0)
@@ -109,6 +115,7 @@ def messages(image: Image.Image, question: str) -> list[dict]:
 
 
 def run_direct(model, processor, requests, batch_size: int, max_tokens: int) -> dict:
+    from eve.attention_backends import varying_shape_attention
     from serve.messages import render
 
     latencies, tokens = [], 0
@@ -118,8 +125,8 @@ def run_direct(model, processor, requests, batch_size: int, max_tokens: int) -> 
         batch = requests[b : b + batch_size]
         t0 = time.perf_counter()
         prompts = [render(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]) for _, q in batch]
-        inputs = processor(text=prompts, images=[im for im, _ in batch], return_tensors="pt")
-        with torch.inference_mode():
+        inputs = processor(text=prompts, images=[im for im, _ in batch], return_tensors="pt").to(model.device)
+        with torch.inference_mode(), varying_shape_attention(model.device):  # the engine's kernels
             out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         new = out[:, inputs["input_ids"].shape[1] :]
         tokens += int((new != tok.pad_token_id).sum())
@@ -197,10 +204,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, batch_size: int, threads: int | None) -> subprocess.Popen:
+def start_server(model: Path, port: int, batch_size: int, threads: int | None, device: str, dtype: str) -> subprocess.Popen:
     log = open(Path(model).parent / "server.log", "w")
     command = [sys.executable, "-m", "serve.cli", str(model), "--port", str(port), "--max-batch-size", str(batch_size),
-               "--log-level", "warning"] + ([] if threads is None else ["--threads", str(threads)])
+               "--device", device, "--dtype", dtype, "--log-level", "warning"] + ([] if threads is None else ["--threads", str(threads)])
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -223,18 +230,17 @@ def summary(run: dict, n: int) -> dict:
 
 def main() -> None:
     args = parse_args()
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    from eve.pretrained import load_pretrained
 
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     path = Path(args.model) if args.model else demo_sized_model(work)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = load_pretrained(str(path), args.device, args.dtype)
     requests = make_requests(args.requests, args.seed)
     port = free_port()
-    server = start_server(path, port, args.batch_size, args.threads)
+    server = start_server(path, port, args.batch_size, args.threads, str(model.device), args.dtype)
     name = path.name
     try:
         run_served(port, name, requests[: args.clients], args.clients, 4, server.pid)  # warm-up: both paths once
@@ -256,7 +262,8 @@ def main() -> None:
     def med(runs, key):
         return statistics.median(x[key] for x in runs)
 
-    print(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), torch threads {torch.get_num_threads()}, "
+    print(f"model: {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {model.device}, {model.dtype}), "
+          f"torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cores")
     print(f"{args.requests} requests x {args.max_tokens} new tokens, batch {args.batch_size}, {args.clients} clients, "
           f"{args.rounds} rounds (medians)")

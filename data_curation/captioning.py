@@ -25,6 +25,7 @@ from data_curation.failures import clean_detail, failure_of
 from data_curation.progress import ShardBar, stage_log
 from data_curation.shards import CurationError, Part, StageDir, atomic_path, pause_for_tests, read_jsonl, write_jsonl_atomic
 from data_curation.reading import ItemReader
+from eve.attention_backends import varying_shape_attention
 from eve.image_io import load_image
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -71,7 +72,8 @@ class Captioner:
         else:
             inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
         inputs = inputs.to(device=self.device, dtype=self.dtype)
-        out = self.model.generate(**inputs, **self.generation)
+        with varying_shape_attention(self.device):
+            out = self.model.generate(**inputs, **self.generation)
         if not getattr(self.model.config, "is_encoder_decoder", False):
             out = out[:, inputs["input_ids"].shape[1] :]  # decoder-only: drop the prompt
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from eve.attention_backends import varying_shape_attention
 from eve.pretrained import load_pretrained
 from eve.processing_eve import IMAGE_TOKEN
 from eve.templates import get_template
@@ -112,7 +113,7 @@ def generate_batch(model, processor, contexts: Sequence[str], visuals: Sequence[
     tok = processor.tokenizer
     if until:  # generate stops each row after a stop string; the text is cut before it below
         kwargs.update(stop_strings=list(until), tokenizer=tok)
-    with torch.no_grad():
+    with torch.no_grad(), varying_shape_attention(inputs["input_ids"].device):
         out = model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     texts = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
     return [truncate_at_stop(t, until).strip() for t in texts]

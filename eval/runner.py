@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from eve.attention_backends import varying_shape_attention
 from eve.templates import get_template
 from eval.inputs import InputError, read_predictions
 from eval.tasks.base import Item, Task
@@ -112,7 +113,7 @@ def _run_batch(model, processor, task, batch, tpl, max_new_tokens, transform, de
         start = time.perf_counter()
         try:
             inputs = processor(text=prompts, images=images, return_tensors="pt").to(device)
-            with torch.no_grad():
+            with torch.no_grad(), varying_shape_attention(device):
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         except Exception as e:  # noqa: BLE001

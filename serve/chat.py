@@ -19,6 +19,7 @@ from threading import Thread
 import torch
 from transformers import TextIteratorStreamer
 
+from eve.attention_backends import varying_shape_attention
 from eve.image_io import InvalidImageError, load_image
 from serve.messages import render
 
@@ -78,7 +79,7 @@ class Chat:
     def _generate(self, kwargs: dict, streamer: TextIteratorStreamer) -> None:
         self._error = None
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), varying_shape_attention(self.model.device):
                 self.model.generate(**kwargs)
         except BaseException as e:  # noqa: BLE001  (reported by ask(), in the caller's thread)
             self._error = e

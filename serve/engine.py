@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteriaList
 
+from eve.attention_backends import varying_shape_attention
 from eve.processing_eve import pad_images
 from serve.decoding import Row, RowFeed
 from serve.errors import QueueFull, RequestError
@@ -197,7 +198,7 @@ class Engine:
         start = time.perf_counter()
         try:
             inputs = self.collate([j.prepared for j in batch])
-            with torch.inference_mode():
+            with torch.inference_mode(), varying_shape_attention(self.model.device):
                 self.model.generate(**inputs, max_new_tokens=max(r.max_new_tokens for r in rows),
                                     stopping_criteria=StoppingCriteriaList([RowFeed(rows)]),
                                     pad_token_id=self.pad_token_id, **batch[0].sampling.generate_kwargs())
