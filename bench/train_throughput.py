@@ -25,7 +25,7 @@ import eve
 from eve.patch_aligning import EveForAlignedTraining
 from eve.teacher import ClipTeacher
 from train.config import TrainConfig
-from train.distributed import init_distributed
+from train.distributed import close_distributed, init_distributed
 from train.metrics import memory_gb, peak_flops
 from train.stages import parameter_groups
 from train.trainer import deepspeed_config, enable_activation_checkpointing
@@ -152,6 +152,8 @@ def main() -> None:
               f"model-MFU {'n/a on CPU' if mfu is None else f'{mfu:.3f}'} (target >= 0.40 on H100, stage 2)")
         print(f"peak memory {memory_gb(dist.device):.2f} GiB")
         print(f"train_throughput: tokens_per_s={tokens_per_s:.1f} model_mfu={'n/a' if mfu is None else f'{mfu:.3f}'}")
+    torch.distributed.barrier()
+    close_distributed()
 
 
 if __name__ == "__main__":

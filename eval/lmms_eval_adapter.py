@@ -108,12 +108,13 @@ def generate_batch(model, processor, contexts: Sequence[str], visuals: Sequence[
     until, kwargs = split_gen_kwargs(gen_kwargs, default_max_new_tokens)
     prompts = [build_prompt(c, len(v), template) for c, v in zip(contexts, visuals)]
     images = [list(v) for v in visuals] if any(visuals) else None
-    inputs = processor(text=prompts, images=images, return_tensors="pt").to(_device(model))
+    device = _device(model)
+    inputs = processor(text=prompts, images=images, return_tensors="pt").to(device)
     prompt_len = inputs["input_ids"].shape[1]
     tok = processor.tokenizer
     if until:  # generate stops each row after a stop string; the text is cut before it below
         kwargs.update(stop_strings=list(until), tokenizer=tok)
-    with torch.no_grad(), varying_shape_attention(inputs["input_ids"].device):
+    with torch.no_grad(), varying_shape_attention(device):
         out = model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     texts = processor.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
     return [truncate_at_stop(t, until).strip() for t in texts]

@@ -54,13 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         final = train(cfg, allow_config_change=allow_change)
     except USER_ERRORS as e:  # the message names the file, line or step: a traceback would bury it
         raise SystemExit(f"eve-train: {type(e).__name__}: {e}") from None
-    # Every rank passed train()'s last barrier: close the group before the interpreter exits, as
-    # PyTorch asks, rather than leave its communication threads to exit-time teardown (a 2-rank
-    # CPU test run aborted once there: "terminate called without an active exception").
-    import torch.distributed
+    from train.distributed import close_distributed
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_distributed()  # every rank is past train()'s last barrier
     print(f"eve-train: stage {cfg.stage} done; model in {final}")
 
 

@@ -47,6 +47,14 @@ def init_distributed() -> DistInfo:
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
+def close_distributed() -> None:
+    """End the process group once every rank is done with it (after a barrier), as PyTorch asks,
+    rather than leave its communication threads to interpreter-exit teardown: a 2-rank CPU test
+    run aborted once there ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def all_true(flag: bool, device: torch.device) -> bool:
     """True on every rank iff `flag` is true on every rank."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
