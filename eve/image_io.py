@@ -57,7 +57,10 @@ def load_image(image: ImageInput, max_pixels: int | None = None) -> Image.Image:
                 img.load()
         if getattr(img, "is_animated", False):
             img.seek(0)
-        img = ImageOps.exif_transpose(img)
+        if img is image:  # the caller's: turned on a copy
+            img = ImageOps.exif_transpose(img)
+        else:  # ours: no copy (a server decodes one per request)
+            ImageOps.exif_transpose(img, in_place=True)
         return to_rgb(img)
     except InvalidImageError:
         raise

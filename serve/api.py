@@ -10,16 +10,17 @@ it work would mean patching transformers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from serve.engine import Job, Prepared, Sampling
 from serve.errors import RequestError, as_request_error
@@ -102,10 +103,25 @@ def _error(e: RequestError) -> JSONResponse:
 
 
 def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(), template: str | None = None,
-              default_max_tokens: int = 512) -> FastAPI:
+              default_max_tokens: int = 512, prepare_threads: int = 1) -> FastAPI:
     """The app around a running engine. `template` names the processor's chat template to use
-    (None: its default)."""
-    app = FastAPI(title="eve-serve", description="OpenAI-compatible chat completions for an EVE model")
+    (None: its default). Requests are parsed, decoded and prepared in `prepare_threads` threads of
+    their own rather than in the event loop's pool of 40: the model's processor takes one request
+    at a time anyway, and fewer threads waking and handing the GIL around leave more CPU to the
+    engine. On a CPU host the engine shares the cores with this process, and every millisecond
+    the front spends there slows generation by more than a millisecond (OpenMP's threads wait for
+    the one that was preempted): bench/serve.py prints the front's CPU per request."""
+    preparing = ThreadPoolExecutor(prepare_threads, thread_name_prefix="eve-serve-prepare")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        preparing.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="eve-serve", description="OpenAI-compatible chat completions for an EVE model", lifespan=lifespan)
+
+    async def in_thread(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(preparing, fn, *args)
     created = int(time.time())
     page = resources.files("serve").joinpath("page/index.html").read_text()
 
@@ -132,14 +148,17 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
         """The image as the model sees it: its processed size, visual tokens and pixels."""
         body = await _json(request)
         url = body.get("image") if isinstance(body, dict) else None
-        image = await run_in_threadpool(decode_data_url, url, limits, "image")
-        return await run_in_threadpool(describe, engine.processor, image)
+        image = await in_thread(decode_data_url, url, limits, "image")
+        return await in_thread(describe, engine.processor, image)
 
-    def prepare(body) -> tuple[ChatRequest, Prepared]:
+    def prepare(raw: bytes) -> tuple[ChatRequest, Prepared]:
+        body = _parse_json(raw)
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            raise RequestError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+                               param="model", status=404, code="model_not_found")
         req = ChatRequest.parse(body, limits)
         return req, engine.prepare(render(engine.processor, req.messages, template), req.images)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -151,11 +170,9 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
                 pass
 
         with engine.arriving():
-            body = await _json(request)
-            if isinstance(body, dict) and body.get("model") not in (None, model_name):
-                raise RequestError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
-                                   param="model", status=404, code="model_not_found")
-            req, prepared = await run_in_threadpool(prepare, body)  # one hop: parse, render, tokenize, resize
+            # one hop for the CPU work (JSON, images, template, tokens), which for a large image
+            # would otherwise hold up every other connection in this event loop
+            req, prepared = await in_thread(prepare, await request.body())
             max_new = min(req.max_tokens or default_max_tokens, engine.room(prepared))
             # A non-streaming request hears only its end: waking the event loop for every token of
             # every row takes the GIL from the generating thread (measured: bench/serve.py).
@@ -174,16 +191,25 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
             raise
         if err is not None:
             raise as_request_error(err)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text}, "finish_reason": row.finish_reason}],
-                "usage": _usage(len(prepared.input_ids), row.tokens)}
+        return JSONResponse({**head, "object": "chat.completion",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": row.text},
+                                          "finish_reason": row.finish_reason}],
+                             "usage": _usage(len(prepared.input_ids), row.tokens)})
 
+    # A plain Starlette route: the endpoint reads its body and builds its response itself, so
+    # FastAPI's per-request machinery (dependencies, jsonable_encoder) would only spend the
+    # front's CPU, which a CPU host's engine feels (see above).
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
 
 
 async def _json(request: Request):
+    return _parse_json(await request.body())
+
+
+def _parse_json(raw: bytes):
     try:
-        return json.loads(await request.body())
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from e
 

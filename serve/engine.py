@@ -49,7 +49,7 @@ class Prepared:
     """One request after the processor: its ids (visual tokens spliced in) and its images."""
 
     input_ids: list[int]
-    images: list[np.ndarray]  # [3, h, w] each, normalised, un-padded
+    images: list[np.ndarray]  # [3, h, w] uint8 each, at model geometry, un-padded (the engine normalises)
 
 
 @dataclass(eq=False)
@@ -80,11 +80,15 @@ class Preparer:
         self._lock = threading.Lock()
 
     def prepare(self, prompt: str, images: Sequence[Image.Image] = ()) -> Prepared:
+        # 8-bit pixels: the engine normalises (`Engine.collate`). A quarter of the bytes to pickle
+        # and pipe, which a server's front spends once per request on the cores the engine
+        # generates on (bench/serve.py).
         with self._lock:
-            enc = self.processor(text=[prompt], images=list(images) or None, return_tensors=None)
+            enc = self.processor(text=[prompt], images=list(images) or None, return_tensors=None,
+                                 do_rescale=False, do_normalize=False)
         ids = list(enc["input_ids"][0])
-        arrays = [px[:, :h, :w] for px, (h, w) in zip(enc["pixel_values"], enc["image_sizes"])] if images else []
-        visual = sum(int(t == self.processor.image_token_id) for t in ids)
+        arrays = [px[:, :h, :w].astype(np.uint8) for px, (h, w) in zip(enc["pixel_values"], enc["image_sizes"])] if images else []
+        visual = ids.count(self.processor.image_token_id)
         if len(ids) >= self.context_length:
             raise RequestError(
                 f"the prompt is {len(ids)} tokens ({visual} of them visual, from {len(arrays)} image(s)); this model reads "
@@ -179,7 +183,7 @@ class Engine:
         enc = self.tokenizer.pad({"input_ids": [p.input_ids for p in prepared]}, padding=True, padding_side="left",
                                  return_tensors="pt")
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        arrays = [a for p in prepared for a in p.images]
+        arrays = [self.processor.image_processor.normalise(a) for p in prepared for a in p.images]
         if arrays:
             inputs["pixel_values"] = torch.from_numpy(pad_images(arrays)).to(self.model.dtype)
             inputs["image_sizes"] = torch.tensor([a.shape[1:] for a in arrays], dtype=torch.long)

@@ -232,6 +232,27 @@ def test_a_batch_waits_for_requests_being_prepared_and_only_for_them(direct):
         thread.join()
 
 
+def test_the_engine_batches_exactly_what_the_processor_batches(direct):
+    """Requests are prepared in 8 bits and normalised by the engine; the batch it generates from
+    is the processor's own, bit for bit (images of other sizes, several or none per request)."""
+    import torch
+
+    from serve.engine import Engine, Preparer
+    from serve.messages import render
+
+    model, processor = direct
+    engine = Engine(model, processor, max_batch_size=4)
+    preparer = Preparer(processor, engine.context_length)
+    prompts = [render(processor, messages) for messages, _ in CONVERSATIONS]
+    prepared = [preparer.prepare(prompt, images) for prompt, (_, images) in zip(prompts, CONVERSATIONS)]
+    assert all(a.dtype == np.uint8 for p in prepared for a in p.images)
+    want = processor(text=prompts, images=[im for _, images in CONVERSATIONS for im in images], return_tensors="pt")
+    got = engine.collate(prepared)
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 def _gone(pid: int, timeout: float) -> bool:
     import os
     import time
