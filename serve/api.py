@@ -146,7 +146,7 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
     @app.post("/v1/eve/preview")
     async def preview(request: Request):
         """The image as the model sees it: its processed size, visual tokens and pixels."""
-        body = await _json(request)
+        body = await in_thread(_parse_json, await request.body())
         url = body.get("image") if isinstance(body, dict) else None
         image = await in_thread(decode_data_url, url, limits, "image")
         return await in_thread(describe, engine.processor, image)
@@ -201,10 +201,6 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
     # front's CPU, which a CPU host's engine feels (see above).
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
-
-
-async def _json(request: Request):
-    return _parse_json(await request.body())
 
 
 def _parse_json(raw: bytes):
