@@ -122,6 +122,7 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
 
     async def in_thread(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(preparing, fn, *args)
+
     created = int(time.time())
     page = resources.files("serve").joinpath("page/index.html").read_text()
 
