@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which the server answers 503")
     parser.add_argument("--max-tokens", type=int, default=512, help="answer length when a request does not set max_tokens")
     parser.add_argument("--max-images", type=int, default=8, help="images one request may hold")
-    parser.add_argument("--prepare-threads", type=int, default=1,
-                        help="threads that read and prepare requests (decode images, tokenize); more can help a host "
-                             "with spare cores and large images (default 1: the engine keeps the cores)")
+    parser.add_argument("--prepare-threads", type=int, default=None,
+                        help="threads that read and prepare requests (decode images, tokenize) (default: 1 when the "
+                             "model runs on CPU, whose cores the engine needs; 4 otherwise, to decode large images "
+                             "side by side)")
     parser.add_argument("--max-delay-s", type=float, default=0.05,
                         help="how long a batch that is not full waits for requests already arriving (never otherwise)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
@@ -65,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         from serve.api import build_app
         from serve.messages import Limits
 
-        app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens,
-                        args.prepare_threads)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
         sock = _bind(args.host, args.port)  # before the model loads: a taken port is told in seconds, not minutes
         info = engine.wait_ready(AutoProcessor.from_pretrained(args.model))
+        threads = args.prepare_threads or (1 if info["device"] == "cpu" else 4)
+        app = build_app(engine, name, Limits(max_images=args.max_images), args.template, args.max_tokens, threads)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
         engine.on_exit = lambda: setattr(server, "should_exit", True)
         print(f"eve-serve: {name} ({info['device']}) on http://{args.host}:{args.port} (page at /, API at /v1)", flush=True)
         server.run(sockets=[sock])
