@@ -263,11 +263,14 @@ class EveImageProcessor(BaseImageProcessor):
             return arr
         return (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
 
+    def _scaled(self, hwc: np.ndarray, mean, std) -> np.ndarray:
+        """0-255 pixels [h, w, 3] -> rescaled, normalised float32 [3, h, w]."""
+        return self._normalise(self._rescale(np.asarray(hwc, dtype=np.float32)), mean, std).transpose(2, 0, 1)
+
     def _to_array(self, img: Image.Image, size: tuple[int, int], mean, std) -> np.ndarray:
         h, w = size
         resized = img.resize((w, h), resample=self.resample) if img.size != (w, h) else img
-        arr = self._normalise(self._rescale(np.asarray(resized, dtype=np.float32)), mean, std)
-        return arr.transpose(2, 0, 1)  # [3, h, w]
+        return self._scaled(np.asarray(resized), mean, std)
 
     def __call__(
         self,
@@ -306,8 +309,7 @@ class EveImageProcessor(BaseImageProcessor):
         and normalised by this processor's settings, float32, the same arithmetic. eve-serve
         prepares a request in 8 bits (a quarter of the bytes to hand its engine) and normalises
         it in the engine."""
-        hwc = np.asarray(pixels, dtype=np.float32).transpose(1, 2, 0)
-        return self._normalise(self._rescale(hwc), self.image_mean, self.image_std).transpose(2, 0, 1)
+        return self._scaled(np.asarray(pixels).transpose(1, 2, 0), self.image_mean, self.image_std)
 
     def preprocess_one(self, image: Image.Image) -> np.ndarray:
         """One decoded RGB image at model geometry, normalised and un-padded: [3, h, w]."""

@@ -147,10 +147,12 @@ def build_app(engine: EngineProcess, model_name: str, limits: Limits = Limits(),
     @app.post("/v1/eve/preview")
     async def preview(request: Request):
         """The image as the model sees it: its processed size, visual tokens and pixels."""
-        body = await in_thread(_parse_json, await request.body())
+        return await in_thread(preview_of, await request.body())
+
+    def preview_of(raw: bytes) -> dict:
+        body = _parse_json(raw)
         url = body.get("image") if isinstance(body, dict) else None
-        image = await in_thread(decode_data_url, url, limits, "image")
-        return await in_thread(describe, engine.processor, image)
+        return describe(engine.processor, decode_data_url(url, limits, "image"))
 
     def prepare(raw: bytes) -> tuple[ChatRequest, Prepared]:
         body = _parse_json(raw)
